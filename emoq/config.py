@@ -1,0 +1,345 @@
+"""Typed run configuration: dataclasses, YAML loading, dotted ``key=value`` overrides, strict validation.
+
+Why strict: a misspelled key in a training YAML silently falling back to a default is the most
+expensive bug a multi-GPU run can have. Every unknown key and every wrong type is an error that
+names the key, the file it came from and the closest valid key.
+
+Interpolation: string values may reference other values as ``${section.key}`` (resolved after
+overrides are applied, so ``trainer.output_dir=...`` on the command line propagates).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the key and the source (file or command line) that caused it."""
+
+
+@dataclass
+class LoraConfig:
+    """LoRA on the LLM only; `target_modules` are matched inside the language model (never the encoder)."""
+
+    enabled: bool = True
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class ModelConfig:
+    """What to build. Model references are HF hub ids, local folders or ``builtin:*`` names (see `emoq ls`)."""
+
+    system: str = "emoq"  # emoq | qieemo | patamia
+    encoder: str = "builtin:whisper-tiny.en"
+    # Hidden layers of the encoder fed forward: [] = last layer; one index = that layer;
+    # several indices = learned softmax-weighted sum of them (Qieemo: middle layers carry emotion).
+    encoder_layers: list[int] = field(default_factory=list)
+    freeze_encoder: bool = True
+    llm: str = "builtin:smollm2-135m-instruct"
+    num_query_tokens: int = 32
+    qformer_hidden_size: int = 384
+    qformer_num_layers: int = 2
+    qformer_num_heads: int = 6
+    qformer_intermediate_size: int = 1536
+    cross_attention_frequency: int = 1
+    qformer_dropout: float = 0.1
+    # Window-level queries (SALMONN habit): None = one set of queries per clip, else queries per window.
+    window_seconds: float | None = None
+    use_transcript: bool = True
+    projector: str = "linear"  # linear | mlp
+    contrastive_dim: int = 128
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quantization: str = "none"  # none | 4bit | 8bit  (bitsandbytes QLoRA)
+    gradient_checkpointing: bool = False
+    # Random-weight tiny models for tests: when set, encoder/llm refs are ignored and configs are built in code.
+    tiny_random: bool = False
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "meld"  # meld | iemocap | manifest
+    root: str | None = None
+    train_manifest: str | None = None
+    eval_manifest: str | None = None
+    test_manifest: str | None = None
+    label_set: str = "meld7"
+    max_seconds: float | None = 20.0
+    question: str = "What emotion does the speaker express?"
+    use_transcript: bool = True
+    num_workers: int = 0
+    class_balanced: bool = False
+
+
+@dataclass
+class LossConfig:
+    focal_weight: float = 1.0
+    supcon_weight: float = 0.2
+    lm_weight: float = 1.0
+    focal_gamma: float = 2.0
+    focal_alpha: list[float] | None = None
+    temperature: float = 0.07
+
+
+@dataclass
+class TrainerConfig:
+    """Settings shared by both stages. `max_steps > 0` overrides every stage's `epochs` (smoke runs)."""
+
+    output_dir: str = "results/${run_name}/${seed}"
+    max_steps: int = -1
+    batch_size: int = 8
+    eval_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    eval_every: int = 0  # optimiser steps; 0 = end of each epoch
+    save_every: int = 0  # optimiser steps; 0 = end of each epoch
+    log_every: int = 10
+    keep_checkpoints: int = 2
+    resume: bool = True
+
+
+@dataclass
+class StageConfig:
+    """What differs between stage 1 (EmoQ-Former + MAL) and stage 2 (LoRA LLM + soft prompts)."""
+
+    epochs: float = 3.0
+    learning_rate: float = 1e-4
+    lr_qformer: float | None = None  # per-module-group learning rates (None = learning_rate)
+    lr_lora: float | None = None
+    output_dir: str = ""
+    init_from: str | None = None  # stage 2: the stage-1 output folder (LAVIS habit)
+    cache_encoder_features: bool = False
+
+
+@dataclass
+class RunConfig:
+    """The whole run: one file drives both stages, `emoq run stage1_qformer|stage2_llm --config FILE`."""
+
+    run_name: str = "emoq"
+    seed: int = 42
+    debug: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    stage1: StageConfig = field(
+        default_factory=lambda: StageConfig(epochs=10.0, learning_rate=1e-3, output_dir="${trainer.output_dir}/stage1")
+    )
+    stage2: StageConfig = field(
+        default_factory=lambda: StageConfig(
+            epochs=3.0, learning_rate=2e-4, output_dir="${trainer.output_dir}/stage2", init_from="${stage1.output_dir}/final"
+        )
+    )
+
+
+# --------------------------------------------------------------------------- building from dicts
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; allow int -> float only. Raises ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as err:
+                errors.append(err)
+        raise ConfigError(f"{source}: '{key}' expects {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' is a section and expects a mapping, got {value!r}")
+        return _build(tp, value, source, prefix=f"{key}.")
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{source}: '{key}' expects a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
+        return float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
+    if tp is Any:
+        return value
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{source}: '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _unknown_key_error(key: str, valid: list[str], source: str, prefix: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"{source}: unknown key '{prefix}{key}'{hint}")
+
+
+def _build(cls: type, data: dict, source: str, prefix: str = ""):
+    """Build `cls` from `data`; a section given in part keeps the parent's defaults for the rest
+    (e.g. `stage1: {epochs: 5}` keeps stage 1's default learning rate and output folder)."""
+    hints = typing.get_type_hints(cls)
+    fields = _fields(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise _unknown_key_error(key, list(fields), source, prefix)
+        tp, f = hints[key], fields[key]
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
+            base = dataclasses.asdict(f.default_factory())
+            value = _merge(base, value)
+        kwargs[key] = _coerce(value, tp, prefix + key, source)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# --------------------------------------------------------------------------- overrides + interpolation
+
+
+def _parse_override_value(text: str) -> Any:
+    """Parse the right-hand side of ``key=value`` with YAML rules (``1e-4``, ``null``, ``[1,2]``, ``true``)."""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(data: dict, cls: type, dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    node, node_cls, prefix = data, cls, ""
+    for part in parts[:-1]:
+        fields = _fields(node_cls)
+        if part not in fields or not dataclasses.is_dataclass(typing.get_type_hints(node_cls)[part]):
+            raise _unknown_key_error(part, list(fields), source, prefix)
+        node_cls = typing.get_type_hints(node_cls)[part]
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: '{prefix}{part}' is not a section")
+        prefix += part + "."
+    if parts[-1] not in _fields(node_cls):
+        raise _unknown_key_error(parts[-1], list(_fields(node_cls)), source, prefix)
+    node[parts[-1]] = _coerce(value, typing.get_type_hints(node_cls)[parts[-1]], dotted, source)
+
+
+_REF = re.compile(r"\$\{([A-Za-z0-9_.]+)\}")
+
+
+def _lookup(cfg: Any, dotted: str, key: str, source: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(node) or part not in _fields(type(node)):
+            raise ConfigError(f"{source}: '{key}' references unknown key '${{{dotted}}}'")
+        node = getattr(node, part)
+    return node
+
+
+def _interpolate(cfg: Any, root: Any, source: str, prefix: str = "") -> None:
+    for name in _fields(type(cfg)):
+        value = getattr(cfg, name)
+        if dataclasses.is_dataclass(value):
+            _interpolate(value, root, source, prefix + name + ".")
+        elif isinstance(value, str) and "${" in value:
+            for _ in range(10):  # references may chain; bounded to catch cycles
+                new = _REF.sub(lambda m, key=prefix + name: str(_lookup(root, m.group(1), key, source)), value)
+                if new == value:
+                    break
+                value = new
+            else:
+                raise ConfigError(f"{source}: '{prefix}{name}' has circular references")
+            setattr(cfg, name, value)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), cls: type = RunConfig):
+    """Load a YAML file (or defaults when `path` is None), apply ``a.b=c`` overrides, validate, interpolate."""
+    source = str(path) if path is not None else "<defaults>"
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command line: override '{item}' must look like key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, cls, key.strip(), _parse_override_value(raw), "command line")
+    cfg = _build(cls, data, source)
+    _interpolate(cfg, cfg, source)
+    validate(cfg, source)
+    return cfg
+
+
+_CHOICES = {
+    "model.system": ("emoq", "qieemo", "patamia"),
+    "model.quantization": ("none", "4bit", "8bit"),
+    "model.projector": ("linear", "mlp"),
+    "data.dataset": ("meld", "iemocap", "manifest"),
+    "trainer.mixed_precision": ("no", "bf16", "fp16"),
+}
+
+
+def validate(cfg: RunConfig, source: str = "<config>") -> None:
+    """Semantic checks that types alone cannot express."""
+    for dotted, choices in _CHOICES.items():
+        value = _lookup(cfg, dotted, dotted, source)
+        if value not in choices:
+            raise ConfigError(f"{source}: '{dotted}' must be one of {list(choices)}, got {value!r}")
+    m = cfg.model
+    if m.qformer_hidden_size % m.qformer_num_heads:
+        raise ConfigError(f"{source}: 'model.qformer_hidden_size' must be divisible by 'model.qformer_num_heads'")
+    for key in ("num_query_tokens", "qformer_num_layers", "cross_attention_frequency"):
+        if getattr(m, key) < 1:
+            raise ConfigError(f"{source}: 'model.{key}' must be >= 1")
+    if m.window_seconds is not None and m.window_seconds <= 0:
+        raise ConfigError(f"{source}: 'model.window_seconds' must be positive or null")
+    if cfg.trainer.batch_size < 1 or cfg.trainer.gradient_accumulation_steps < 1:
+        raise ConfigError(f"{source}: 'trainer.batch_size' and 'trainer.gradient_accumulation_steps' must be >= 1")
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config (SpeechBrain habit: every results folder holds the config that made it)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,20 @@
+"""EmoQ model classes, registered with the transformers Auto classes on import."""
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration_emoq import PLACEHOLDER_TOKEN, EmoQConfig, EmoQFormerConfig
+from .modeling_emoq import EmoQForConditionalGeneration, EmoQOutput, LossWeights, PlaceholderCountError
+
+AutoConfig.register(EmoQConfig.model_type, EmoQConfig, exist_ok=True)
+AutoConfig.register(EmoQFormerConfig.model_type, EmoQFormerConfig, exist_ok=True)
+AutoModel.register(EmoQConfig, EmoQForConditionalGeneration, exist_ok=True)
+
+__all__ = [
+    "PLACEHOLDER_TOKEN",
+    "EmoQConfig",
+    "EmoQFormerConfig",
+    "EmoQForConditionalGeneration",
+    "EmoQOutput",
+    "LossWeights",
+    "PlaceholderCountError",
+]

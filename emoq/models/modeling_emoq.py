@@ -1,0 +1,428 @@
+"""EmoQForConditionalGeneration: speech encoder -> EmoQ-Former -> projector -> soft prompts in a LoRA LLM.
+
+Data flow (design section 2): frames from the (frozen) encoder are summarised by the EmoQ-Former
+into query states; a projector maps them to the LLM's width and they replace the expanded
+`<|emoq|>` placeholder tokens of the prompt with `masked_scatter` (Qwen2-Audio habit: the processor
+expands the placeholder, the model checks the count — no "concat in front and guess the padding").
+
+Three outputs serve the three uses:
+- `forward` -> LM loss + MAL terms (focal on the classification head, SupCon on the projection head);
+- `score_labels` -> log-likelihood of every label answer in one batched pass (classification
+  without free generation, so no hallucinated labels and no exact-match scoring);
+- `generate` -> free text, batched with left padding.
+
+LoRA is injected into the LLM at construction from `config.lora`, so a saved model reloads with
+`from_pretrained` alone; `save_adapter` also writes the LLM adapter in PEFT format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from ..losses import MALoss
+from .configuration_emoq import EmoQConfig
+from .qformer import EmoQFormer
+from .speech_encoder import SpeechEncoder, load_audio_encoder
+
+
+class PlaceholderCountError(ValueError):
+    """The prompt's `<|emoq|>` tokens and the EmoQ-Former's query states do not match in number."""
+
+
+@dataclass
+class EmoQOutput(ModelOutput):
+    """`loss` = lm_weight * lm_loss + focal_weight * focal_loss + supcon_weight * supcon_loss (terms present)."""
+
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    focal_loss: torch.Tensor | None = None
+    supcon_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    emotion_logits: torch.Tensor | None = None
+    contrastive_features: torch.Tensor | None = None
+    past_key_values: object | None = None
+
+
+@dataclass
+class LossWeights:
+    """MAL weights; set by the training recipe (`model.loss_weights = LossWeights(...)`), not saved."""
+
+    focal: float = 1.0
+    supcon: float = 0.2
+    lm: float = 1.0
+    gamma: float = 2.0
+    alpha: list[float] | None = None
+    temperature: float = 0.07
+
+
+class EmoQPreTrainedModel(PreTrainedModel):
+    config_class = EmoQConfig
+    base_model_prefix = "emoq"
+    main_input_name = "input_features"
+    supports_gradient_checkpointing = True
+    _keep_in_fp32_modules = ["qformer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.data.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.data.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.data.normal_(0.0, std)
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.data.fill_(1.0)
+            module.bias.data.zero_()
+        elif isinstance(module, EmoQFormer):
+            module.query_tokens.data.normal_(0.0, std)
+
+
+def _projector(kind: str, d_in: int, d_out: int) -> nn.Module:
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(d_in, d_out), nn.GELU(), nn.Linear(d_out, d_out))
+    return nn.Linear(d_in, d_out)
+
+
+class EmoQForConditionalGeneration(EmoQPreTrainedModel, GenerationMixin):
+    def __init__(
+        self,
+        config: EmoQConfig,
+        language_model: nn.Module | None = None,
+        audio_encoder: nn.Module | None = None,
+    ):
+        super().__init__(config)
+        self.speech_encoder = SpeechEncoder(config.audio_config, config.encoder_layers, frozen=config.freeze_encoder)
+        if audio_encoder is not None:
+            self.speech_encoder.encoder = audio_encoder.requires_grad_(not config.freeze_encoder)
+        self.qformer = EmoQFormer(config.qformer_config)
+        h = config.qformer_config.hidden_size
+        num_labels = len(config.id2label) if config.id2label else 0
+        self.classifier = nn.Sequential(nn.Dropout(config.classifier_dropout), nn.Linear(h, max(num_labels, 1)))
+        self.contrastive_head = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.Linear(h, config.contrastive_dim))
+        self.projector = _projector(config.projector_type, h, config.text_config.hidden_size)
+        self.language_model = (
+            language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
+        )
+        if config.lora:
+            self._inject_lora(config.lora)
+        self.loss_weights = LossWeights()
+        self.post_init()
+
+    # ------------------------------------------------------------------ construction helpers
+
+    def _inject_lora(self, lora: dict) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        self.language_model.requires_grad_(False)
+        cfg = LoraConfig(
+            r=lora.get("r", 8),
+            lora_alpha=lora.get("alpha", 16),
+            lora_dropout=lora.get("dropout", 0.05),
+            # module-name suffixes or one regex: either way it only matches inside the LLM, where we inject
+            target_modules=lora.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"]),
+            bias="none",
+        )
+        inject_adapter_in_model(cfg, self.language_model)
+
+    @classmethod
+    def from_components(
+        cls,
+        encoder: str,
+        llm: str,
+        *,
+        id2label: dict[int, str],
+        audio_token_id: int,
+        qformer: dict | None = None,
+        lora: dict | None = None,
+        quantization: str = "none",
+        dtype: torch.dtype | None = None,
+        **config_kwargs,
+    ) -> EmoQForConditionalGeneration:
+        """Build a fresh EmoQ model around pretrained encoder and LLM weights (hub ids or local folders).
+
+        quantization "4bit"/"8bit" loads the LLM with bitsandbytes (QLoRA) and prepares it for k-bit training.
+        """
+        text_config = AutoConfig.from_pretrained(llm)
+        audio_config = AutoConfig.from_pretrained(encoder)
+        config = EmoQConfig(
+            audio_config=audio_config,
+            text_config=text_config,
+            qformer_config=qformer or {},
+            id2label=dict(id2label),
+            label2id={v: k for k, v in id2label.items()},
+            audio_token_id=audio_token_id,
+            lora=lora,
+            **config_kwargs,
+        )
+        llm_kwargs: dict = {"dtype": dtype} if dtype is not None else {}
+        if quantization != "none":
+            from transformers import BitsAndBytesConfig
+
+            llm_kwargs["quantization_config"] = (
+                BitsAndBytesConfig(
+                    load_in_4bit=True,
+                    bnb_4bit_quant_type="nf4",
+                    bnb_4bit_use_double_quant=True,
+                    bnb_4bit_compute_dtype=dtype or torch.bfloat16,
+                )
+                if quantization == "4bit"
+                else BitsAndBytesConfig(load_in_8bit=True)
+            )
+            llm_kwargs.setdefault("device_map", {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"})
+        language_model = AutoModelForCausalLM.from_pretrained(llm, **llm_kwargs)
+        if quantization != "none":
+            from peft import prepare_model_for_kbit_training
+
+            language_model = prepare_model_for_kbit_training(language_model, use_gradient_checkpointing=False)
+        audio_encoder = load_audio_encoder(encoder, **({"dtype": dtype} if dtype is not None else {}))
+        model = cls(config, language_model=language_model, audio_encoder=audio_encoder)
+        model.config.text_config = language_model.config
+        return model
+
+    # ------------------------------------------------------------------ HF plumbing
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.language_model.get_output_embeddings()
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None):
+        # only the LLM checkpoints its layers; the EmoQ-Former is small and the encoder is frozen
+        if enable:
+            self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.language_model.gradient_checkpointing_disable()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        self._set_gradient_checkpointing(True)
+
+    def gradient_checkpointing_disable(self):
+        self._set_gradient_checkpointing(False)
+
+    def save_adapter(self, path: str | Path, state_dict: dict | None = None) -> None:
+        """Write the LLM's LoRA weights in PEFT format (adapter_config.json + adapter_model.safetensors).
+
+        `state_dict`: the whole model's state dict, already gathered (ZeRO-3); default: this process's weights.
+        """
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        peft_config = self.language_model.peft_config["default"]
+        peft_config.base_model_name_or_path = getattr(self.language_model.config, "_name_or_path", None)
+        peft_config.save_pretrained(path)
+        prefix = "language_model."
+        llm_state = None if state_dict is None else {
+            k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)
+        }
+        state = get_peft_model_state_dict(self.language_model, state_dict=llm_state)
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, path / "adapter_model.safetensors")
+
+    # ------------------------------------------------------------------ the speech path
+
+    def encode_speech(
+        self,
+        input_features: torch.Tensor | None,
+        feature_attention_mask: torch.Tensor | None = None,
+        transcript_ids: torch.Tensor | None = None,
+        transcript_attention_mask: torch.Tensor | None = None,
+        encoder_frames: torch.Tensor | None = None,
+        encoder_frame_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query states [B, Nq*, H] (fp32) and their validity mask [B, Nq*].
+
+        `encoder_frames`/`encoder_frame_mask` (cached outputs of the frozen encoder) skip the encoder.
+        """
+        if encoder_frames is not None:
+            frames, frame_mask = encoder_frames, encoder_frame_mask.bool()
+        else:
+            frames, frame_mask = self.speech_encoder(input_features, feature_attention_mask)
+        text_embeds = None
+        if self.config.use_transcript and transcript_ids is not None and transcript_ids.shape[1] > 0:
+            # the transcript is embedded with the LLM's own (frozen) token table: no second vocabulary
+            text_embeds = self.get_input_embeddings()(transcript_ids).detach()
+            if transcript_attention_mask is None:
+                transcript_attention_mask = torch.ones_like(transcript_ids)
+        return self.qformer(frames, frame_mask, text_embeds, transcript_attention_mask)
+
+    def emotion_heads(self, queries: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class logits [B, C], contrastive features [B, D]) from the masked mean of the query states."""
+        weights = query_mask.to(queries.dtype)[..., None]
+        pooled = (queries * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return self.classifier(pooled), self.contrastive_head(pooled)
+
+    def merge_inputs_embeds(self, input_ids: torch.Tensor, queries: torch.Tensor, query_mask: torch.Tensor):
+        """LLM input embeddings with the projected query states written over the `<|emoq|>` placeholders."""
+        placeholder = input_ids == self.config.audio_token_id
+        # the placeholder id may lie past the LLM's vocabulary (no resize needed): look up a harmless id instead
+        embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholder, 0))
+        n_placeholders, n_queries = int(placeholder.sum()), int(query_mask.sum())
+        if n_placeholders != n_queries:
+            raise PlaceholderCountError(
+                f"the prompt holds {n_placeholders} '<|emoq|>' placeholder tokens but the EmoQ-Former produced "
+                f"{n_queries} query embeddings; build inputs with EmoQProcessor so the placeholder is expanded "
+                f"to num_query_tokens={self.config.num_query_tokens} per clip (per window with window_seconds)"
+            )
+        per_row = placeholder.sum(1)
+        if not torch.equal(per_row, query_mask.sum(1)):
+            raise PlaceholderCountError(
+                f"placeholders per row {per_row.tolist()} != query embeddings per clip {query_mask.sum(1).tolist()}"
+            )
+        projected = self.projector(queries[query_mask].to(self.projector_dtype)).to(embeds.dtype)
+        return embeds.masked_scatter(placeholder[..., None].expand_as(embeds), projected)
+
+    @property
+    def projector_dtype(self) -> torch.dtype:
+        return next(self.projector.parameters()).dtype
+
+    def get_inputs_embeds(
+        self,
+        input_ids,
+        input_features,
+        feature_attention_mask=None,
+        transcript_ids=None,
+        transcript_attention_mask=None,
+    ):
+        queries, query_mask = self.encode_speech(
+            input_features, feature_attention_mask, transcript_ids, transcript_attention_mask
+        )
+        return self.merge_inputs_embeds(input_ids, queries, query_mask), queries, query_mask
+
+    # ------------------------------------------------------------------ forward / scoring / generation
+
+    def forward(
+        self,
+        input_features: torch.Tensor | None = None,
+        feature_attention_mask: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        transcript_ids: torch.Tensor | None = None,
+        transcript_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        emotion_labels: torch.Tensor | None = None,
+        encoder_frames: torch.Tensor | None = None,
+        encoder_frame_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> EmoQOutput:
+        """Stage 1 (no `input_ids`): speech path + heads + MAL. Stage 2: the same plus the LLM and its loss."""
+        emotion_logits = features = None
+        if input_features is not None or encoder_frames is not None:
+            queries, query_mask = self.encode_speech(
+                input_features, feature_attention_mask, transcript_ids, transcript_attention_mask,
+                encoder_frames, encoder_frame_mask,
+            )
+            emotion_logits, features = self.emotion_heads(queries, query_mask)
+            if input_ids is not None and inputs_embeds is None:
+                inputs_embeds = self.merge_inputs_embeds(input_ids, queries, query_mask)
+        llm_out = None
+        if inputs_embeds is not None or input_ids is not None:
+            llm_out = self.language_model(
+                input_ids=None if inputs_embeds is not None else input_ids,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                labels=labels,
+                **kwargs,
+            )
+        w = self.loss_weights
+        mal = MALoss(
+            focal_weight=w.focal, supcon_weight=w.supcon, lm_weight=w.lm,
+            gamma=w.gamma, alpha=w.alpha, temperature=w.temperature,
+        )(
+            logits=emotion_logits if emotion_labels is not None else None,
+            labels=emotion_labels,
+            features=features if emotion_labels is not None else None,
+            lm_loss=llm_out.loss if llm_out is not None else None,
+        ) if (emotion_labels is not None or labels is not None) else None
+        return EmoQOutput(
+            loss=mal.loss if mal is not None else None,
+            lm_loss=llm_out.loss if llm_out is not None else None,
+            focal_loss=mal.focal if mal is not None else None,
+            supcon_loss=mal.supcon if mal is not None else None,
+            logits=llm_out.logits if llm_out is not None else None,
+            emotion_logits=emotion_logits,
+            contrastive_features=features,
+            past_key_values=llm_out.past_key_values if llm_out is not None else None,
+        )
+
+    @torch.no_grad()
+    def score_labels(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        input_features: torch.Tensor,
+        candidate_ids: list[list[int]],
+        feature_attention_mask: torch.Tensor | None = None,
+        transcript_ids: torch.Tensor | None = None,
+        transcript_attention_mask: torch.Tensor | None = None,
+        normalize: str = "sum",
+    ) -> torch.Tensor:
+        """Log-likelihood [B, L] of each candidate answer (token ids of label + end of turn) after each prompt.
+
+        One batched LLM pass over B x L sequences; the speech path runs once per clip. Only the hidden
+        states at candidate positions go through the LM head, so memory does not scale with the vocabulary
+        times the prompt length. `normalize="mean"` divides by the candidate's token count.
+        """
+        embeds, _, _ = self.get_inputs_embeds(
+            input_ids, input_features, feature_attention_mask, transcript_ids, transcript_attention_mask
+        )
+        device = embeds.device
+        table = self.get_input_embeddings()
+        cands = [torch.tensor(c, device=device) for c in candidate_ids]
+        cand_embeds = [table(c) for c in cands]
+        rows, targets, starts = [], [], []
+        for b in range(embeds.shape[0]):
+            prompt = embeds[b][attention_mask[b].bool()]
+            for c, ce in zip(cands, cand_embeds):
+                rows.append(torch.cat([prompt, ce.to(prompt.dtype)], 0))
+                targets.append(c)
+                starts.append(prompt.shape[0])
+        lengths = torch.tensor([r.shape[0] for r in rows], device=device)
+        batch = nn.utils.rnn.pad_sequence(rows, batch_first=True)  # right padding: positions as at bs=1
+        mask = (torch.arange(batch.shape[1], device=device)[None] < lengths[:, None]).long()
+        hidden = self.language_model.base_model(inputs_embeds=batch, attention_mask=mask).last_hidden_state
+        row_idx = torch.cat([torch.full((len(t),), i, device=device) for i, t in enumerate(targets)])
+        pos_idx = torch.cat([torch.arange(len(t), device=device) + s - 1 for t, s in zip(targets, starts)])
+        logits = self.get_output_embeddings()(hidden[row_idx, pos_idx]).float()
+        token_logp = logits.log_softmax(-1).gather(-1, torch.cat(targets)[:, None]).squeeze(-1)
+        scores = torch.zeros(len(rows), device=device).index_add_(0, row_idx, token_logp)
+        if normalize == "mean":
+            scores = scores / torch.tensor([len(t) for t in targets], device=device)
+        return scores.view(embeds.shape[0], len(candidate_ids))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        input_features: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        feature_attention_mask: torch.Tensor | None = None,
+        transcript_ids: torch.Tensor | None = None,
+        transcript_attention_mask: torch.Tensor | None = None,
+        **generate_kwargs,
+    ) -> torch.Tensor:
+        """Free-text answers (only the new tokens). Use left padding for batches (EmoQProcessor does)."""
+        embeds, _, _ = self.get_inputs_embeds(
+            input_ids, input_features, feature_attention_mask, transcript_ids, transcript_attention_mask
+        )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)

@@ -1,0 +1,141 @@
+"""Tiny random models and an offline tokenizer, built in code (transformers' habit for tests).
+
+Used by the test-suite and by `configs/emoq/tiny_test.yaml` so recipes can be exercised end to end on
+CPU in seconds, with no download. Nothing here is a real model.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, PreTrainedTokenizerFast, WhisperConfig, WhisperFeatureExtractor
+
+from .configuration_emoq import PLACEHOLDER_TOKEN
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+_CORPUS = (
+    "system user assistant You are an expert listener. What emotion does the speaker express? "
+    "Answer with one word from: neutral, surprise, fear, sadness, joy, disgust, anger. "
+    "neutral surprise fear sadness joy disgust anger happy angry sad excited positive negative "
+    "Transcript: the weather report said it would rain tomorrow. I will take the train at noon. "
+    "The quick brown fox jumps over the lazy dog. Describe the tone of the voice and the feeling. "
+)
+
+
+@lru_cache(maxsize=1)
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained in-process, with a ChatML template and pad/eos tokens."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([_CORPUS] * 20, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>", bos_token=None, unk_token=None
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def tiny_whisper_config(**overrides) -> WhisperConfig:
+    kwargs = dict(
+        d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
+        decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=64, num_mel_bins=80,
+        max_source_positions=1500, vocab_size=64, max_target_positions=32,
+        pad_token_id=0, bos_token_id=1, eos_token_id=1, decoder_start_token_id=1, begin_suppress_tokens=None,
+        suppress_tokens=None,
+    )
+    kwargs.update(overrides)
+    return WhisperConfig(**kwargs)
+
+
+def tiny_llama_config(vocab_size: int, **overrides) -> LlamaConfig:
+    kwargs = dict(
+        vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=False, pad_token_id=None,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def tiny_qformer_config(**overrides) -> dict:
+    kwargs = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    kwargs.update(overrides)
+    return kwargs
+
+
+def whisper_feature_extractor() -> WhisperFeatureExtractor:
+    """Whisper's log-mel front end (80 bins, 16 kHz); needs no download."""
+    return WhisperFeatureExtractor(feature_size=80, sampling_rate=16000)
+
+
+__all__ = [
+    "PLACEHOLDER_TOKEN",
+    "tiny_tokenizer",
+    "tiny_whisper_config",
+    "tiny_llama_config",
+    "tiny_qformer_config",
+    "whisper_feature_extractor",
+]
+
+
+def tiny_hubert_config(**overrides):
+    """A 2-layer HuBERT with layer-norm feature extraction (padding-safe, like the large checkpoints)."""
+    from transformers import HubertConfig
+
+    kwargs = dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        conv_dim=(16, 16), conv_stride=(5, 64), conv_kernel=(10, 64), num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4, feat_extract_norm="layer", do_stable_layer_norm=True,
+    )
+    kwargs.update(overrides)
+    return HubertConfig(**kwargs)
+
+
+def build_tiny(
+    labels: list[str],
+    num_query_tokens: int = 4,
+    lora: dict | None = None,
+    window_seconds: float | None = None,
+    encoder: str = "whisper",
+    encoder_layers: list[int] | None = None,
+    seed: int = 0,
+):
+    """(EmoQForConditionalGeneration, EmoQProcessor) with random tiny weights, built offline in seconds."""
+    import torch
+    from transformers import Wav2Vec2FeatureExtractor
+
+    from ..processing_emoq import EmoQProcessor
+    from .configuration_emoq import EmoQConfig
+    from .modeling_emoq import EmoQForConditionalGeneration
+
+    tok = tiny_tokenizer()
+    if encoder == "whisper":
+        audio_config, fe = tiny_whisper_config(), whisper_feature_extractor()
+    else:
+        audio_config = tiny_hubert_config()
+        fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, do_normalize=True, return_attention_mask=True)
+    processor = EmoQProcessor.for_encoder(
+        fe, tok, labels, audio_config, num_query_tokens=num_query_tokens, window_seconds=window_seconds
+    )
+    config = EmoQConfig(
+        audio_config=audio_config,
+        text_config=tiny_llama_config(len(tok)),
+        qformer_config=tiny_qformer_config(window_seconds=window_seconds, frames_per_second=processor.frames_per_second),
+        num_query_tokens=num_query_tokens,
+        audio_token_id=processor.audio_token_id,
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+        lora=lora,
+        encoder_layers=encoder_layers,
+    )
+    torch.manual_seed(seed)
+    return EmoQForConditionalGeneration(config), processor

@@ -1,0 +1,61 @@
+"""Config system: YAML + overrides + strict validation; every shipped YAML validates."""
+
+from pathlib import Path
+
+import pytest
+
+from emoq.cli import CONFIGS_DIR
+from emoq.config import ConfigError, RunConfig, load_config, save_config
+
+SHIPPED = sorted(p for p in CONFIGS_DIR.rglob("*.yaml") if "accelerate" not in p.parts)
+
+
+def test_there_are_shipped_configs():
+    assert len(SHIPPED) >= 2
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(CONFIGS_DIR)))
+def test_every_shipped_config_validates_and_names_its_launch_command(path: Path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    header = path.read_text().splitlines()[:8]
+    assert any("emoq run" in line or "accelerate launch" in line for line in header if line.startswith("#")), path
+
+
+def test_misspelled_key_names_key_file_and_closest_match(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("model:\n  num_query_tokns: 8\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(f)
+    msg = str(err.value)
+    assert str(f) in msg and "model.num_query_tokns" in msg and "did you mean 'model.num_query_tokens'" in msg
+
+
+def test_wrong_type_is_an_error_naming_the_key(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("trainer:\n  batch_size: eight\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: 'trainer.batch_size' expects int, got 'eight'"):
+        load_config(f)
+
+
+def test_overrides_are_typed_and_interpolated(tmp_path):
+    f = tmp_path / "ok.yaml"
+    f.write_text("run_name: exp\nmodel:\n  lora:\n    r: 4\n")
+    cfg = load_config(f, ["trainer.output_dir=out/${run_name}", "stage1.learning_rate=1e-3", "model.encoder_layers=[2,3]"])
+    assert cfg.trainer.output_dir == "out/exp"
+    assert cfg.stage1.output_dir == "out/exp/stage1"
+    assert cfg.stage2.init_from == "out/exp/stage1/final"
+    assert cfg.stage1.learning_rate == pytest.approx(1e-3)
+    assert cfg.model.encoder_layers == [2, 3] and cfg.model.lora.r == 4
+    with pytest.raises(ConfigError, match="command line: 'trainer.max_steps' expects int"):
+        load_config(f, ["trainer.max_steps=two"])
+    with pytest.raises(ConfigError, match="did you mean 'trainer.max_steps'"):
+        load_config(f, ["trainer.max_step=2"])
+    with pytest.raises(ConfigError, match="must be one of"):
+        load_config(f, ["model.quantization=3bit"])
+
+
+def test_saved_config_reloads_identically(tmp_path):
+    cfg = load_config(None, ["run_name=x", "model.window_seconds=2.5"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg

@@ -1,0 +1,170 @@
+"""EmoQ model core: padding invariance, placeholder injection, save/load, LoRA training, label masking."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from emoq.models import EmoQForConditionalGeneration, PlaceholderCountError
+from emoq.models.speech_encoder import SpeechEncoder
+from emoq.models.tiny import tiny_whisper_config
+
+TRANSCRIPTS = ["the weather report", None, "I will take the train at noon"]
+
+
+def _batch(processor, clips, **kwargs):
+    return processor(clips, transcripts=TRANSCRIPTS[: len(clips)], **kwargs)
+
+
+def _one(processor, clips, i, **kwargs):
+    return processor(clips[i : i + 1], transcripts=TRANSCRIPTS[i : i + 1], **kwargs)
+
+
+def _score(model, processor, batch):
+    return model.score_labels(
+        batch["input_ids"], batch["attention_mask"], batch["input_features"], processor.label_candidates(),
+        batch["feature_attention_mask"], batch.get("transcript_ids"), batch.get("transcript_attention_mask"),
+    )
+
+
+@pytest.mark.parametrize("encoder,window", [("whisper", None), ("whisper", 0.5), ("hubert", None)])
+def test_batch_of_n_equals_batch_of_one(tiny, clips, encoder, window):
+    model, processor = tiny(encoder=encoder, window_seconds=window, lora={"r": 4})
+    batch = _batch(processor, clips, answers=["joy", "neutral", "anger"])
+    with torch.no_grad():
+        out = model(**batch)
+    scores = _score(model, processor, _batch(processor, clips))
+    gen = model.generate(**_batch(processor, clips, padding_side="left"), max_new_tokens=4, do_sample=False)
+    for i in range(len(clips)):
+        one = _one(processor, clips, i, answers=[["joy", "neutral", "anger"][i]])
+        with torch.no_grad():
+            out1 = model(**one)
+        n = int(one["attention_mask"].sum())
+        torch.testing.assert_close(out1.logits[0, :n], out.logits[i, :n], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out1.emotion_logits[0], out.emotion_logits[i], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_score(model, processor, _one(processor, clips, i))[0], scores[i], atol=1e-4, rtol=1e-5)
+        gen1 = model.generate(**_one(processor, clips, i, padding_side="left"), max_new_tokens=4, do_sample=False)
+        assert gen1[0].tolist() == gen[i].tolist()
+
+
+def test_window_queries_scale_with_duration(tiny, clips):
+    model, processor = tiny(window_seconds=0.5)
+    batch = _batch(processor, clips)
+    placeholders = (batch["input_ids"] == processor.audio_token_id).sum(1).tolist()
+    # 1.0 s, 1.5 s, 2.5 s of audio -> 2, 3, 5 windows of 0.5 s, 4 queries each
+    assert placeholders == [8, 12, 20]
+    queries, mask = model.encode_speech(batch["input_features"], batch["feature_attention_mask"])
+    assert mask.sum(1).tolist() == placeholders
+
+
+def test_placeholder_count_mismatch_is_a_clear_error(tiny, clips):
+    model, processor = tiny()
+    batch = _batch(processor, clips[:1])
+    ids = batch["input_ids"].clone()
+    first = int((ids[0] == processor.audio_token_id).nonzero()[0])
+    ids[0, first] = processor.tokenizer.pad_token_id
+    with pytest.raises(PlaceholderCountError, match="3 '<\\|emoq\\|>' placeholder tokens but .* 4 query"):
+        model(input_features=batch["input_features"], feature_attention_mask=batch["feature_attention_mask"],
+              input_ids=ids, attention_mask=batch["attention_mask"])
+
+
+def test_labels_cover_only_the_assistant_answer(tiny, clips):
+    _, processor = tiny()
+    batch = processor(clips[:2], transcripts=TRANSCRIPTS[:2], answers=["joy", "anger"])
+    tok = processor.tokenizer
+    for row in range(2):
+        ids, labels = batch["input_ids"][row], batch["labels"][row]
+        supervised = labels != -100
+        # the supervised tokens are exactly the answer the chat template appends, token by token
+        answer = tok.decode(ids[supervised])
+        assert answer == ["joy", "anger"][row] + "<|im_end|>\n"
+        assert torch.equal(ids[supervised], labels[supervised])
+        # and every prompt token (system, user, placeholders, assistant header) is masked
+        prompt = tok.decode(ids[~supervised & batch["attention_mask"][row].bool()])
+        assert prompt.endswith("<|im_start|>assistant\n") and "<|emoq|>" in prompt
+
+
+def test_save_and_load_round_trip_gives_identical_outputs(tiny, clips, tmp_path):
+    model, processor = tiny(lora={"r": 4})
+    with torch.no_grad():  # make LoRA-B non-zero so the adapter matters
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    batch = _batch(processor, clips, answers=["joy", "neutral", "anger"])
+    with torch.no_grad():
+        ref = model(**batch)
+    model.save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    model.save_adapter(tmp_path / "m" / "adapter")
+    loaded = AutoModel.from_pretrained(tmp_path / "m").eval()
+    assert isinstance(loaded, EmoQForConditionalGeneration)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path / "m"), type(model.config))
+    assert loaded.config.id2label == {0: "neutral", 1: "joy", 2: "anger"}
+    with torch.no_grad():
+        out = loaded(**batch)
+    torch.testing.assert_close(out.logits, ref.logits, atol=0, rtol=0)
+    torch.testing.assert_close(out.emotion_logits, ref.emotion_logits, atol=0, rtol=0)
+    # the adapter folder is standard PEFT: config + safetensors with non-zero LoRA-B
+    adapter_cfg = json.loads((tmp_path / "m" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["peft_type"] == "LORA" and adapter_cfg["r"] == 4
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "m" / "adapter" / "adapter_model.safetensors")
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)
+
+
+def test_one_step_with_gradient_checkpointing_trains_the_right_parts(tiny, clips):
+    model, processor = tiny(lora={"r": 4})
+    model.train()
+    model.gradient_checkpointing_enable()
+    assert model.language_model.model.gradient_checkpointing
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    batch = _batch(processor, clips, answers=["joy", "neutral", "anger"])
+    out = model(**batch, emotion_labels=torch.tensor([1, 0, 2]))
+    out.loss.backward()
+    opt.step()
+
+    def changed(prefix):
+        names = [n for n in before if n.startswith(prefix) or prefix in n]
+        assert names, prefix
+        return {n: not torch.equal(before[n], dict(model.named_parameters())[n]) for n in names}
+
+    assert all(changed("lora_B").values())
+    assert all(changed("qformer.query_tokens").values())
+    assert any(changed("qformer.layers").values())
+    assert all(changed("projector").values())
+    assert not any(changed("speech_encoder.encoder").values())
+    base = {n: v for n, v in changed("language_model").items() if "lora_" not in n}
+    assert base and not any(base.values())
+
+
+def test_whisper_wrapper_matches_stock_encoder_at_30s_and_runs_at_3s():
+    torch.manual_seed(0)
+    config = tiny_whisper_config(max_source_positions=1500)
+    wrapper = SpeechEncoder(config).eval()
+    stock = WhisperEncoder(config).eval()
+    stock.load_state_dict(wrapper.encoder.state_dict())
+    mel = torch.randn(1, 80, 3000)
+    with torch.no_grad():
+        ours, mask = wrapper(mel)
+        ref = stock(mel).last_hidden_state
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    assert mask.all()
+    with torch.no_grad():
+        short, mask = wrapper(torch.randn(1, 80, 300))  # 3 s: no padding to 30 s
+    assert short.shape == (1, 150, 32) and mask.all()
+
+
+def test_learned_layer_mix_and_single_layer_selection(tiny, clips):
+    model, processor = tiny(encoder_layers=[1, 2])
+    assert model.speech_encoder.layer_weights is not None and model.speech_encoder.layer_weights.requires_grad
+    batch = processor(clips[:1])
+    frames, _ = model.speech_encoder(batch["input_features"], batch["feature_attention_mask"])
+    model1, _ = tiny(encoder_layers=[1])
+    assert model1.speech_encoder.layer_weights is None
+    assert frames.shape[-1] == 32
