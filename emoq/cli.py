@@ -22,6 +22,9 @@ CONFIGS_DIR = PROJECT_ROOT / "configs"
 # task commands: name -> module exposing add_parser(subparsers)
 TASK_COMMANDS = {
     "prepare": "emoq.data.prepare",
+    "eval": "emoq.evaluate",
+    "chat": "emoq.chat",
+    "demo": "emoq.demo",
 }
 
 

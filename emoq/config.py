@@ -75,6 +75,7 @@ class DataConfig:
     eval_manifest: str | None = None
     test_manifest: str | None = None
     label_set: str = "meld7"
+    fold: int = 5  # IEMOCAP leave-one-session-out: the held-out session
     max_seconds: float | None = 20.0
     question: str = "What emotion does the speaker express?"
     use_transcript: bool = True

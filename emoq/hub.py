@@ -193,6 +193,7 @@ def _build_atomically(target: Path, marker: dict, build: Callable[[Path], None])
     try:
         build(tmp)
         (tmp / _MARKER).write_text(json.dumps(marker, indent=2))
+        _make_readable(tmp)
         if target.exists():  # stale (older converter or package version): move it aside first
             stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, stale / "model")
@@ -204,6 +205,14 @@ def _build_atomically(target: Path, marker: dict, build: Callable[[Path], None])
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _make_readable(folder: Path) -> None:
+    """``mkdtemp`` (and the safetensors writer) create private 0700/0600 entries; a cache shared by
+    CI jobs or users should be world-readable like any pip-installed file (0755 dirs, 0644 files).
+    Fixed modes, not the umask: reading the umask means briefly changing it, which races threads."""
+    for path in [folder, *folder.rglob("*")]:
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,13 +401,14 @@ def _whisper_generation_config(config, ct2_config: dict, tok: dict[str, int]):
     return gen
 
 
-def _whisper_processor(model_dir: Path, num_mel_bins: int):
+def _whisper_processor(model_dir: Path, num_mel_bins: int, max_target_positions: int):
     """``WhisperProcessor`` = log-mel feature extractor + the package's own tokenizer.json."""
     from transformers import WhisperFeatureExtractor, WhisperProcessor, WhisperTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(model_dir / "tokenizer.json", Path(tmp) / "tokenizer.json")
         tokenizer = WhisperTokenizer.from_pretrained(tmp, predict_timestamps=False)
+    tokenizer.model_max_length = max_target_positions  # the decoder's position table
     feature_extractor = WhisperFeatureExtractor(feature_size=num_mel_bins, sampling_rate=16000)
     return WhisperProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer)
 
@@ -412,7 +422,8 @@ def _build_whisper(package_dirs: dict[str, Path], out: Path) -> None:
     if spec_name != "WhisperSpec":
         raise ValueError(f"{model_dir / 'model.bin'} holds a {spec_name}, expected a WhisperSpec")
     ct2_config = json.loads((model_dir / "config.json").read_text())
-    processor = _whisper_processor(model_dir, int(variables["encoder/conv1/weight"].shape[1]))
+    processor = _whisper_processor(model_dir, int(variables["encoder/conv1/weight"].shape[1]),
+                                   int(variables["decoder/position_encodings/encodings"].shape[0]))
     tok = processor.tokenizer.get_vocab()
 
     config = _whisper_config(variables, ct2_config, tok)
@@ -451,9 +462,11 @@ def _build_smollm2(package_dirs: dict[str, Path], out: Path) -> None:
     if not tokenizer.chat_template:
         raise ValueError(f"{_SMOLLM2_GGUF} carries no chat template")
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer.model_max_length = gguf_model.config.max_position_embeddings  # GGUF leaves it "infinite"
 
     fields = gguf_model.config.to_dict()
-    for key in ("quantization_config", "_name_or_path", "transformers_version", "architectures"):
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version",
+                "architectures"):
         fields.pop(key, None)
     fields["pad_token_id"] = tokenizer.pad_token_id
     config = LlamaConfig(**fields)

@@ -16,7 +16,6 @@ Float64 inputs stay float64 (gradcheck).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -100,8 +99,10 @@ def focal_loss(
     logp = F.log_softmax(logits, dim=-1).gather(1, safe_target[:, None]).squeeze(1)
     loss = -logp
     if gamma != 0:
-        # (1-p)^gamma via expm1; gamma == 0 is skipped so that 0**0 never enters the graph.
-        loss = loss * (-torch.expm1(logp)).clamp_min(0).pow(gamma)
+        # (1-p)^gamma via expm1. gamma == 0 is skipped so that 0**0 never enters the graph; the clamp to
+        # the smallest normal float keeps d/dx x^gamma finite for 0 < gamma < 1 when p rounds to 1.
+        one_minus_p = (-torch.expm1(logp)).clamp_min(torch.finfo(dtype).tiny)
+        loss = loss * one_minus_p.pow(gamma)
     a = _alpha_tensor(alpha, num_classes, logits.device, dtype)
     if isinstance(a, torch.Tensor):
         loss = loss * a[safe_target]

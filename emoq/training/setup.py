@@ -1,0 +1,241 @@
+"""What every recipe's setup shares: seeding, the accelerator, model + processor from a config, data, optimiser."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import RunConfig, StageConfig
+from ..data.collate import EmoQCollator, ScanResult, UtteranceDataset, scan_utterances
+from ..labels import get_label_set
+
+log = logging.getLogger("emoq.training")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader worker seeding: derived from torch's per-worker seed, so runs repeat exactly."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def build_accelerator(cfg: RunConfig, project_dir: str):
+    """Accelerator with gloo when CUDA is absent (DeepSpeed on CPU needs it), TensorBoard logging."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    handlers = []
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    log_with = None
+    try:
+        import tensorboard  # noqa: F401
+
+        log_with = "tensorboard"
+    except ImportError:
+        pass
+    return Accelerator(
+        mixed_precision=cfg.trainer.mixed_precision,
+        gradient_accumulation_steps=cfg.trainer.gradient_accumulation_steps,
+        kwargs_handlers=handlers,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=project_dir, logging_dir=os.path.join(project_dir, "logs")),
+        cpu=not torch.cuda.is_available(),
+    )
+
+
+# ------------------------------------------------------------------ model
+
+
+def build_model_and_processor(cfg: RunConfig, init_from: str | None = None):
+    """Stage 1: a fresh model around pretrained (or tiny random) parts. Stage 2: the stage-1 folder."""
+    from ..models import EmoQForConditionalGeneration
+    from ..processing_emoq import EmoQProcessor
+
+    labels = list(get_label_set(cfg.data.label_set).labels)
+    m = cfg.model
+    if init_from:
+        model = EmoQForConditionalGeneration.from_pretrained(init_from)
+        processor = EmoQProcessor.from_pretrained(init_from)
+        if list(model.config.id2label.values()) != labels:
+            raise ValueError(
+                f"{init_from}: trained with labels {list(model.config.id2label.values())}, "
+                f"but data.label_set={cfg.data.label_set} has {labels}"
+            )
+    elif m.tiny_random:
+        from ..models.tiny import build_tiny
+
+        model, processor = build_tiny(
+            labels, num_query_tokens=m.num_query_tokens, window_seconds=m.window_seconds,
+            lora=_lora_dict(cfg), encoder_layers=m.encoder_layers, seed=cfg.seed,
+        )
+    else:
+        model, processor = _from_pretrained_parts(cfg, labels)
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.config.use_transcript = cfg.data.use_transcript and m.use_transcript
+    from ..models import LossWeights
+
+    loss = cfg.loss
+    model.loss_weights = LossWeights(
+        focal=loss.focal_weight, supcon=loss.supcon_weight, lm=loss.lm_weight,
+        gamma=loss.focal_gamma, alpha=loss.focal_alpha, temperature=loss.temperature,
+    )
+    return model, processor
+
+
+def _lora_dict(cfg: RunConfig) -> dict | None:
+    lora = cfg.model.lora
+    if not lora.enabled:
+        return None
+    return {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "target_modules": list(lora.target_modules)}
+
+
+def _from_pretrained_parts(cfg: RunConfig, labels: list[str]):
+    from transformers import AutoConfig, AutoFeatureExtractor, AutoTokenizer
+
+    from ..hub import resolve_model
+    from ..models import EmoQForConditionalGeneration
+    from ..processing_emoq import EmoQProcessor
+
+    m = cfg.model
+    encoder, llm = resolve_model(m.encoder), resolve_model(m.llm)
+    audio_config = AutoConfig.from_pretrained(encoder)
+    processor = EmoQProcessor.for_encoder(
+        AutoFeatureExtractor.from_pretrained(encoder), AutoTokenizer.from_pretrained(llm), labels, audio_config,
+        num_query_tokens=m.num_query_tokens, window_seconds=m.window_seconds,
+    )
+    dtype = torch.bfloat16 if cfg.trainer.mixed_precision == "bf16" and torch.cuda.is_available() else None
+    model = EmoQForConditionalGeneration.from_components(
+        encoder, llm,
+        id2label=dict(enumerate(labels)),
+        audio_token_id=processor.audio_token_id,
+        qformer={
+            "hidden_size": m.qformer_hidden_size, "num_hidden_layers": m.qformer_num_layers,
+            "num_attention_heads": m.qformer_num_heads, "intermediate_size": m.qformer_intermediate_size,
+            "cross_attention_frequency": m.cross_attention_frequency, "hidden_dropout_prob": m.qformer_dropout,
+            "window_seconds": m.window_seconds, "frames_per_second": processor.frames_per_second,
+        },
+        lora=_lora_dict(cfg),
+        quantization=m.quantization,
+        dtype=dtype,
+        num_query_tokens=m.num_query_tokens,
+        encoder_layers=m.encoder_layers,
+        freeze_encoder=m.freeze_encoder,
+        projector_type=m.projector,
+        contrastive_dim=m.contrastive_dim,
+    )
+    return model, processor
+
+
+def trainable_parameter_table(model) -> list[tuple[str, int, int]]:
+    """(module, trainable, total) per top-level module, printed at the start of every stage."""
+    rows = []
+    for name, module in model.named_children():
+        params = list(module.parameters())
+        if not params:
+            continue
+        rows.append((name, sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)))
+    return rows
+
+
+def print_parameter_table(model) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="parameters")
+    for col in ("module", "trainable", "total"):
+        table.add_column(col, justify="right" if col != "module" else "left")
+    rows = trainable_parameter_table(model)
+    for name, trainable, total in rows:
+        table.add_row(name, f"{trainable:,}", f"{total:,}")
+    table.add_row("all", f"{sum(r[1] for r in rows):,}", f"{sum(r[2] for r in rows):,}")
+    Console().print(table)
+
+
+# ------------------------------------------------------------------ data
+
+
+def load_split(cfg: RunConfig, split: str):
+    """Utterances of one split ('train', 'dev', 'test') of the configured corpus."""
+    d = cfg.data
+    if d.dataset == "meld":
+        from ..data.meld import read_meld
+
+        if not d.root:
+            raise ValueError("data.root is required for dataset=meld (a folder with the MELD CSVs and clips)")
+        return read_meld(d.root, split, label_set=d.label_set)
+    if d.dataset == "manifest":
+        from ..data.manifest import read_manifest
+
+        path = {"train": d.train_manifest, "dev": d.eval_manifest, "test": d.test_manifest}[split]
+        if not path:
+            raise ValueError(f"data.{ {'dev': 'eval'}.get(split, split)}_manifest is required for dataset=manifest")
+        return read_manifest(path, label_set=d.label_set)
+    from ..data.iemocap import read_iemocap
+
+    utts = read_iemocap(d.root, protocol=d.label_set)
+    test_session = f"Session{d.fold}"
+    return [u for u in utts if (u.split == test_session) == (split != "train")]
+
+
+def scanned_split(cfg: RunConfig, split: str, accelerator=None) -> ScanResult:
+    """Load + validate a split; report every unusable row (never dropped silently)."""
+    scan = scan_utterances(load_split(cfg, split), cfg.data.max_seconds)
+    if scan.errors and (accelerator is None or accelerator.is_main_process):
+        log.warning("%s: %d of %d rows cannot be used:", split, len(scan.errors), len(scan.errors) + len(scan.ok))
+        for key, msg in scan.errors[:20]:
+            log.warning("  %s: %s", key, msg)
+    if not scan.ok:
+        raise ValueError(f"split '{split}' has no usable rows ({len(scan.errors)} errors)")
+    return scan
+
+
+def train_loader(cfg: RunConfig, scan: ScanResult, processor, label2id, stage: int, frame_cache=None):
+    from ..data.sampling import ClassBalancedSampler, LengthGroupedBatchSampler
+
+    dataset = UtteranceDataset(scan.ok, label2id, cfg.data.max_seconds, cfg.data.use_transcript, frame_cache)
+    collate = EmoQCollator(processor, with_prompt=stage == 2, with_answers=stage == 2, question=None)
+    common = dict(collate_fn=collate, num_workers=cfg.data.num_workers, worker_init_fn=seed_worker)
+    if cfg.data.class_balanced:
+        sampler = ClassBalancedSampler([u.label for u in scan.ok], seed=cfg.seed)
+        return DataLoader(dataset, batch_size=cfg.trainer.batch_size, sampler=sampler, drop_last=True, **common), sampler
+    sampler = LengthGroupedBatchSampler(scan.durations, cfg.trainer.batch_size, shuffle=True, seed=cfg.seed)
+    return DataLoader(dataset, batch_sampler=sampler, **common), sampler
+
+
+def eval_loader(cfg: RunConfig, scan: ScanResult, processor, label2id, stage: int):
+    dataset = UtteranceDataset(scan.ok, label2id, cfg.data.max_seconds, cfg.data.use_transcript)
+    collate = EmoQCollator(processor, with_prompt=stage == 2, with_answers=False)
+    return DataLoader(dataset, batch_size=cfg.trainer.eval_batch_size, shuffle=False, collate_fn=collate)
+
+
+# ------------------------------------------------------------------ optimiser
+
+
+def build_optimizer(model, stage: StageConfig, weight_decay: float, total_steps: int, warmup_ratio: float):
+    """AdamW with one learning rate per module group (Q-Former side vs LoRA), warmup + cosine."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    groups: dict[str, list] = {"lora": [], "qformer": []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups["lora" if "lora_" in name else "qformer"].append(p)
+    lrs = {"lora": stage.lr_lora or stage.learning_rate, "qformer": stage.lr_qformer or stage.learning_rate}
+    params = [{"params": ps, "lr": lrs[g], "name": g} for g, ps in groups.items() if ps]
+    optimizer = torch.optim.AdamW(params, weight_decay=weight_decay)
+    warmup = int(math.ceil(total_steps * warmup_ratio))
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, max(total_steps, 1))

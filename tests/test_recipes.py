@@ -1,0 +1,147 @@
+"""Recipes on tiny random models: loss goes down, stage 2 starts from stage 1, resume is exact,
+a killed checkpoint write leaves the previous checkpoint loadable."""
+
+import csv
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from emoq.cli import RECIPES_DIR
+from emoq.config import load_config
+from emoq.training.checkpoint import is_complete, latest_checkpoint
+
+TONES = {"neutral": 150.0, "joy": 400.0, "anger": 900.0}  # learnable by listening: pitch gives the class
+
+
+def make_tone_corpus(root: Path, per_class: dict[str, int], seed: int = 0) -> Path:
+    """A MELD-layout corpus whose class is the pitch of a tone (plus noise)."""
+    rng = np.random.default_rng(seed)
+    folders = {"train": "train_splits", "dev": "dev_splits_complete", "test": "output_repeated_splits_test"}
+    for split, n in per_class.items():
+        (root / folders[split]).mkdir(parents=True, exist_ok=True)
+        with open(root / f"{split}_sent_emo.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["Sr No.", "Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID", "Utterance_ID",
+                        "Season", "Episode", "StartTime", "EndTime"])
+            row = 0
+            for label, hz in TONES.items():
+                for _ in range(n):
+                    seconds = rng.uniform(0.6, 1.2)
+                    t = np.arange(int(16000 * seconds)) / 16000
+                    audio = 0.3 * np.sin(2 * np.pi * hz * rng.uniform(0.95, 1.05) * t) + 0.02 * rng.standard_normal(t.size)
+                    sf.write(root / folders[split] / f"dia{row}_utt0.wav", audio.astype(np.float32), 16000)
+                    w.writerow([row + 1, "okay then", "A", label, "neutral", row, 0, 1, 1, "00:00:00,000", "00:00:01,000"])
+                    row += 1
+    return root
+
+
+def load_recipe(name: str):
+    spec = importlib.util.spec_from_file_location(name, RECIPES_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_tone_corpus(tmp_path_factory.mktemp("tones"), {"train": 8, "dev": 3})
+
+
+def _cfg(corpus, out, *overrides):
+    return load_config(
+        RECIPES_DIR.parent / "configs/emoq/tiny_test.yaml",
+        [f"data.root={corpus}", f"trainer.output_dir={out}", *overrides],
+    )
+
+
+def test_stage1_learns_and_stage2_starts_from_it(corpus, tmp_path):
+    stage1, stage2 = load_recipe("stage1_qformer"), load_recipe("stage2_llm")
+    cfg = _cfg(corpus, tmp_path, "stage1.epochs=12", "stage2.epochs=1", "trainer.batch_size=6")
+    ctx = stage1.setup(cfg)
+    result = stage1.train(ctx)
+    stage1.cleanup(ctx, result)
+    first, last = np.mean(result.losses[:4]), np.mean(result.losses[-4:])
+    assert last < 0.7 * first, (first, last)
+    assert result.best_metric is not None and result.best_metric > 0.6  # 3 tones, chance ~0.33
+    assert is_complete(tmp_path / "stage1" / "final")
+
+    ctx2 = stage2.setup(cfg)
+    # stage 2 starts from the stage-1 EmoQ-Former, not a fresh one
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "stage1/final/weights/model.safetensors")
+    torch.testing.assert_close(ctx2.accelerator.unwrap_model(ctx2.model).qformer.query_tokens.detach(),
+                               saved["qformer.query_tokens"])
+    result2 = stage2.train(ctx2)
+    stage2.cleanup(ctx2, result2)
+    assert all(np.isfinite(result2.losses))
+    weights = tmp_path / "stage2/final/weights"
+    adapter = load_file(weights / "adapter/adapter_model.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # trap 3: non-empty adapters
+    assert json.loads((weights / "config.json").read_text())["id2label"]["0"] == "neutral"
+
+
+def test_resume_reproduces_the_uninterrupted_run(corpus, tmp_path):
+    stage1 = load_recipe("stage1_qformer")
+    common = ("trainer.max_steps=8", "trainer.save_every=3", "trainer.batch_size=4", "trainer.eval_every=100",
+              "model.qformer_dropout=0.1")
+    ctx = stage1.setup(_cfg(corpus, tmp_path / "full", *common))
+    full = stage1.train(ctx)
+    ctx = stage1.setup(_cfg(corpus, tmp_path / "cut", *common))
+    part = stage1.train(ctx, stop_after=4)  # "interrupted" after step 4: last checkpoint is step 3
+    assert part.step == 4 and latest_checkpoint(tmp_path / "cut" / "stage1").name == "checkpoint-3"
+    ctx = stage1.setup(_cfg(corpus, tmp_path / "cut", *common))
+    resumed = stage1.train(ctx)
+    assert resumed.step == 8
+    np.testing.assert_allclose(resumed.losses, full.losses, rtol=1e-6, atol=1e-6)
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "full/stage1/final/weights/model.safetensors")
+    b = load_file(tmp_path / "cut/stage1/final/weights/model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_sigkill_during_checkpoint_write_keeps_previous_checkpoint(corpus, tmp_path):
+    """A child process saves checkpoint-1, then is SIGKILLed while writing checkpoint-2's weights."""
+    script = tmp_path / "kill_during_save.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(RECIPES_DIR)!r})
+        import stage1_qformer as s1
+        from emoq.config import load_config
+        import emoq.training.checkpoint as ck
+        cfg = load_config({str(RECIPES_DIR.parent / 'configs/emoq/tiny_test.yaml')!r},
+                          ["data.root={corpus}", "trainer.output_dir={tmp_path}", "trainer.max_steps=3",
+                           "trainer.save_every=1", "trainer.eval_every=100"])
+        original = ck.save_config
+        calls = []
+        def dying_save_config(cfg, path):
+            calls.append(path)
+            original(cfg, path)
+            if len(calls) == 2:  # checkpoint-1 completes; checkpoint-2 dies before its trainer_state.json
+                os.kill(os.getpid(), signal.SIGKILL)
+        ck.save_config = dying_save_config
+        ctx = s1.setup(cfg)
+        s1.train(ctx)
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(RECIPES_DIR.parent)})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    out = tmp_path / "stage1"
+    assert (out / ".checkpoint-2.tmp").exists()  # the interrupted write
+    assert latest_checkpoint(out).name == "checkpoint-1"
+    from emoq.models import EmoQForConditionalGeneration
+
+    EmoQForConditionalGeneration.from_pretrained(out / "checkpoint-1" / "weights")
