@@ -32,6 +32,18 @@ def shipped_recipes() -> dict[str, Path]:
     return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.py"))} if RECIPES_DIR.is_dir() else {}
 
 
+def load_recipe(name: str):
+    """Import a shipped recipe script as a module (for the demo and tests: setup/train/cleanup)."""
+    import importlib.util
+
+    path = find_shipped(name)
+    spec = importlib.util.spec_from_file_location(f"emoq_recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in the recipe look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
 def shipped_configs() -> dict[str, Path]:
     """Configs by their path under configs/ without extension, e.g. 'emoq/demo_cpu'."""
     if not CONFIGS_DIR.is_dir():

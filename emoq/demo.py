@@ -10,19 +10,8 @@ import time
 from pathlib import Path
 
 
-def _recipe(name: str):
-    import importlib.util
-
-    from .cli import RECIPES_DIR
-
-    spec = importlib.util.spec_from_file_location(name, RECIPES_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_demo(args) -> int:
-    from .cli import CONFIGS_DIR
+    from .cli import CONFIGS_DIR, load_recipe
     from .data.demo import build_demo_corpus
 
     out = Path(args.out)
@@ -37,7 +26,7 @@ def run_demo(args) -> int:
     cfg = load_config(CONFIGS_DIR / "emoq" / "demo_cpu.yaml", overrides)
     for name in ("stage1_qformer", "stage2_llm"):
         t = time.time()
-        recipe = _recipe(name)
+        recipe = load_recipe(name)
         ctx = recipe.setup(cfg)
         recipe.cleanup(ctx, recipe.train(ctx))
         print(f"[demo] {name}: {time.time() - t:.0f} s", flush=True)

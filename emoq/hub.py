@@ -77,7 +77,7 @@ def resolve_model(ref: str | os.PathLike) -> str:
     """Turn a model reference into something ``from_pretrained`` accepts, offline when possible.
 
     * ``builtin:<name>``: converted once into ``cache_dir()/<name>``; that folder is returned.
-    * an existing local folder: returned unchanged (as ``str``).
+    * an existing local folder: returned unchanged (as ``str``; a leading ``~`` is expanded).
     * anything else is taken as a Hugging Face hub id and returned unchanged; a reference that is
       clearly a filesystem path (``/``, ``./``, ``~``, a ``PathLike``) but does not exist raises
       ``FileNotFoundError`` here instead of a confusing hub error later.
@@ -85,8 +85,10 @@ def resolve_model(ref: str | os.PathLike) -> str:
     if isinstance(ref, str) and ref.startswith(BUILTIN_PREFIX):
         return str(_resolve_builtin(ref[len(BUILTIN_PREFIX):]))
     text = os.fspath(ref)
-    if os.path.isdir(os.path.expanduser(text)):
+    if os.path.isdir(text):
         return text
+    if text.startswith("~") and os.path.isdir(os.path.expanduser(text)):
+        return os.path.expanduser(text)  # from_pretrained does not expand "~" itself
     if not isinstance(ref, str) or text.startswith(("/", "./", "../", "~", ".\\", "..\\")) or "\\" in text:
         raise FileNotFoundError(f"model folder {text!r} does not exist")
     return text

@@ -141,7 +141,9 @@ class FocalLoss(nn.Module):
         elif alpha is not None:
             buf = torch.as_tensor(alpha, dtype=torch.float32).detach().clone()
             if buf.ndim != 1:
-                raise ValueError(f"FocalLoss: alpha must be a float or 1-D per-class weights, got {tuple(buf.shape)}")
+                raise ValueError(
+                    f"FocalLoss: alpha must be a float or 1-D per-class weights, got {tuple(buf.shape)}"
+                )
         self.register_buffer("alpha", buf, persistent=False)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -282,7 +284,12 @@ def supcon_loss(
         return zero
 
     # Only anchors with a positive are scored: their non-self set is never empty, so no -inf rows.
-    anchors, positive, not_self, num_pos = anchors[has_pos], positive[has_pos], not_self[has_pos], num_pos[has_pos]
+    anchors, positive, not_self, num_pos = (
+        anchors[has_pos],
+        positive[has_pos],
+        not_self[has_pos],
+        num_pos[has_pos],
+    )
     logits = anchors @ contrast.T / temperature
     logits = logits - logits.max(dim=1, keepdim=True).values.detach()
     log_denominator = torch.logsumexp(logits.masked_fill(~not_self, float("-inf")), dim=1, keepdim=True)

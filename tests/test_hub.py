@@ -77,9 +77,11 @@ def test_hub_id_passes_through_unchanged():
     assert resolve_model("gpt2") == "gpt2"
 
 
-def test_local_folder_passes_through_as_str(tmp_path):
+def test_local_folder_passes_through_as_str(tmp_path, monkeypatch):
     assert resolve_model(tmp_path) == str(tmp_path)
     assert resolve_model(str(tmp_path)) == str(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path.parent))
+    assert resolve_model(f"~/{tmp_path.name}") == str(tmp_path)
 
 
 def test_missing_local_path_is_not_mistaken_for_a_hub_id(tmp_path):
@@ -231,7 +233,6 @@ def test_whisper_transcribes_synthesised_speech(whisper_dir):
     cases = [  # (text, espeak voice); "en" is the clearer voice for the pangram
         ("I am so happy to see you today.", "en-us"),
         ("Please call me tomorrow morning.", "en-us"),
-        ("This is a test of the speech recognition system.", "en-us"),
         ("The quick brown fox jumps over the lazy dog.", "en"),
     ]
     audio = [synthesize(text, voice=voice, sample_rate=16000)[0] for text, voice in cases]

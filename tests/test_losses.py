@@ -88,14 +88,22 @@ def batch():
 
 @pytest.mark.parametrize(
     "gamma,alpha",
-    [(0.0, None), (2.0, None), (0.5, None), (2.0, 0.25), (1.5, [0.1, 0.2, 0.3, 0.15, 0.25]), (3.0, [1, 2, 3, 4, 5])],
+    [
+        (0.0, None),
+        (2.0, None),
+        (0.5, None),
+        (2.0, 0.25),
+        (1.5, [0.1, 0.2, 0.3, 0.15, 0.25]),
+        (3.0, [1, 2, 3, 4, 5]),
+    ],
 )
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_focal_matches_reference(batch, gamma, alpha, reduction):
     logits, target = batch
     got = focal_loss(logits, target, gamma=gamma, alpha=alpha, reduction=reduction)
-    want = ref_focal(logits, target, gamma, alpha if not isinstance(alpha, list) else [float(a) for a in alpha],
-                     reduction)
+    want = ref_focal(
+        logits, target, gamma, alpha if not isinstance(alpha, list) else [float(a) for a in alpha], reduction
+    )
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
@@ -104,7 +112,9 @@ def test_focal_gamma0_is_cross_entropy(batch):
     logits, target = batch
     target = target.clone()
     target[[1, 4]] = -100
-    torch.testing.assert_close(focal_loss(logits, target, gamma=0.0), torch.nn.functional.cross_entropy(logits, target))
+    torch.testing.assert_close(
+        focal_loss(logits, target, gamma=0.0), torch.nn.functional.cross_entropy(logits, target)
+    )
 
 
 def test_focal_per_class_alpha_is_not_weighted_ce_trick(batch):
@@ -177,7 +187,9 @@ def test_focal_gradcheck():
     target = torch.tensor([0, 3, -100, 1, 1])
     alpha = torch.tensor([0.2, 0.3, 0.4, 0.1], dtype=torch.float64)
     for gamma in (0.0, 1.0, 2.0, 2.5):
-        assert torch.autograd.gradcheck(lambda x, gm=gamma: focal_loss(x, target, gamma=gm, alpha=alpha), (logits,))
+        assert torch.autograd.gradcheck(
+            lambda x, gm=gamma: focal_loss(x, target, gamma=gm, alpha=alpha), (logits,)
+        )
 
 
 def test_focal_confident_rows_have_finite_grad():
@@ -192,10 +204,12 @@ def test_focal_module_alpha_buffer(batch):
     mod = FocalLoss(gamma=2.0, alpha=[0.1, 0.2, 0.3, 0.15, 0.25])
     assert "alpha" in dict(mod.named_buffers())
     mod = mod.double()
-    torch.testing.assert_close(mod(logits, target), ref_focal(logits, target, 2.0, [0.1, 0.2, 0.3, 0.15, 0.25]),
-                               atol=ATOL, rtol=0)
-    torch.testing.assert_close(FocalLoss(alpha=0.25)(logits, target), ref_focal(logits, target, 2.0, 0.25),
-                               atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        mod(logits, target), ref_focal(logits, target, 2.0, [0.1, 0.2, 0.3, 0.15, 0.25]), atol=ATOL, rtol=0
+    )
+    torch.testing.assert_close(
+        FocalLoss(alpha=0.25)(logits, target), ref_focal(logits, target, 2.0, 0.25), atol=ATOL, rtol=0
+    )
 
 
 # ----------------------------------------------------------------------------- supcon
@@ -212,8 +226,9 @@ def test_supcon_single_view_matches_reference(temperature):
     f = _feats(10)
     labels = torch.tensor([0, 1, 0, 2, 1, 1, 3, 0, 2, 4])  # classes 3 and 4 occur once -> excluded anchors
     got = supcon_loss(f, labels, temperature)
-    torch.testing.assert_close(got, torch.tensor(ref_supcon(f, labels, temperature), dtype=torch.float64),
-                               atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        got, torch.tensor(ref_supcon(f, labels, temperature), dtype=torch.float64), atol=ATOL, rtol=0
+    )
     assert len(ref_supcon_terms(f, labels, temperature)) == 8
 
 
@@ -224,7 +239,9 @@ def test_supcon_multi_view_matches_reference(temperature):
     got = supcon_loss(f, labels, temperature)
     terms = ref_supcon_terms(f, labels, temperature)
     assert len(terms) == 21
-    torch.testing.assert_close(got, torch.tensor(sum(terms) / len(terms), dtype=torch.float64), atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        got, torch.tensor(sum(terms) / len(terms), dtype=torch.float64), atol=ATOL, rtol=0
+    )
 
 
 def test_supcon_ignores_minus_100_rows():
@@ -232,8 +249,9 @@ def test_supcon_ignores_minus_100_rows():
     labels = torch.tensor([0, 1, -100, 0, 1, -100, 2, 2])
     keep = labels != -100
     want = ref_supcon(f[keep], labels[keep], 0.1)
-    torch.testing.assert_close(supcon_loss(f, labels, 0.1), torch.tensor(want, dtype=torch.float64),
-                               atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        supcon_loss(f, labels, 0.1), torch.tensor(want, dtype=torch.float64), atol=ATOL, rtol=0
+    )
 
 
 def test_supcon_no_positive_is_zero_and_backpropagates():
@@ -262,8 +280,12 @@ def test_supcon_half_precision():
     labels = torch.tensor([0, 0, 1, 1, 2, 3])
     loss = supcon_loss(f, labels, 0.07)
     assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss.double(), torch.tensor(ref_supcon(f.detach(), labels, 0.07), dtype=torch.float64),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        loss.double(),
+        torch.tensor(ref_supcon(f.detach(), labels, 0.07), dtype=torch.float64),
+        atol=1e-5,
+        rtol=0,
+    )
     loss.backward()
     assert torch.isfinite(f.grad.float()).all()
 
@@ -322,7 +344,10 @@ def test_supcon_distributed_matches_single_process(tmp_path):
     terms1 = ref_supcon_terms(feats_b[keep_b], labels_b[keep_b], 0.1, anchor_rows=range(3, 7))
     anchors_b = [len(terms0), len(terms1)]  # rank0: rows 0, 2 (row 1 is a singleton); rank1: rows 3, 4, 7
     assert anchors_b == [2, 3]
-    cases = [(feats_a, labels_a, [4, 4], [1.0, 1.0]), (feats_b, labels_b, [3, 5], [float(a) for a in anchors_b])]
+    cases = [
+        (feats_a, labels_a, [4, 4], [1.0, 1.0]),
+        (feats_b, labels_b, [3, 5], [float(a) for a in anchors_b]),
+    ]
 
     mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path), cases), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
@@ -355,7 +380,9 @@ def test_maloss_combines_terms():
     feats = _feats(6, seed=6).requires_grad_()
     labels = torch.tensor([0, 1, -100, 1, 0, 3])
     lm = torch.tensor(1.25, dtype=torch.float64, requires_grad=True)
-    crit = MALoss(focal_weight=1.0, supcon_weight=0.5, lm_weight=2.0, gamma=2.0, alpha=[1, 2, 1, 1], temperature=0.1)
+    crit = MALoss(
+        focal_weight=1.0, supcon_weight=0.5, lm_weight=2.0, gamma=2.0, alpha=[1, 2, 1, 1], temperature=0.1
+    )
     out = crit(logits=logits, labels=labels, features=feats, lm_loss=lm)
     assert isinstance(out, MALOutput)
     focal = focal_loss(logits, labels, 2.0, [1, 2, 1, 1])

@@ -25,6 +25,7 @@ What it guarantees:
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import multiprocessing
@@ -398,11 +399,13 @@ def add_parser(subparsers):
     p = subparsers.add_parser(
         "prepare",
         help="convert a corpus once to 16 kHz mono wavs + JSONL manifests (resumable, parallel)",
-        description=__doc__.split("\n\n")[0],
+        description="Convert a corpus once into 16 kHz mono wavs + one JSONL manifest per split. Every input "
+        "row gets a manifest line (bad media: status 'error' with a message naming the file); re-running "
+        "skips clips already converted.",
         epilog="Examples:\n  emoq prepare meld --root MELD.Raw --out data/meld16k --workers 4\n"
         "  emoq prepare iemocap --root IEMOCAP_full_release --out data/iemocap16k\n"
         "  emoq prepare manifest --root corpus.jsonl --out data/corpus16k",
-        formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("dataset", choices=DATASETS, help="corpus layout to read")
     p.add_argument("--root", required=True, type=Path, help="corpus folder (manifest: a .jsonl file or a folder of them)")
@@ -413,8 +416,10 @@ def add_parser(subparsers):
     p.add_argument("--max-seconds", type=float, default=None,
                    help="truncate longer clips (listed in the summary); default keeps everything")
     p.add_argument("--min-seconds", type=float, default=0.1, help="shorter clips are error rows (default 0.1)")
-    p.add_argument("--protocol", default="iemocap4", help="IEMOCAP protocol: iemocap4 or iemocap_patamia4")
-    p.add_argument("--label-set", default=None, help="MELD: meld7 (default) or meld_sentiment3")
+    p.add_argument("--protocol", default="iemocap4", choices=("iemocap4", "iemocap_patamia4"),
+                   help="IEMOCAP protocol (default iemocap4: happy+excited merged, leave-one-session-out)")
+    p.add_argument("--label-set", default=None,
+                   help="MELD: meld7 (default) or meld_sentiment3; manifest: normalise labels through this set")
     p.add_argument("--overwrite", action="store_true", help="decode every clip again")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

@@ -138,4 +138,10 @@ def build_tiny(
         encoder_layers=encoder_layers,
     )
     torch.manual_seed(seed)
-    return EmoQForConditionalGeneration(config), processor
+    model = EmoQForConditionalGeneration(config)
+    # HF's N(0, 0.02) init makes a random 32-wide encoder all but ignore its input; PyTorch's default
+    # (fan-in scaled) init keeps the input's differences, so tiny tests can learn from what they hear
+    for module in model.speech_encoder.encoder.modules():
+        if isinstance(module, torch.nn.Conv1d | torch.nn.Linear):
+            module.reset_parameters()
+    return model, processor

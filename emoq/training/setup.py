@@ -209,7 +209,10 @@ def train_loader(cfg: RunConfig, scan: ScanResult, processor, label2id, stage: i
 
     dataset = UtteranceDataset(scan.ok, label2id, cfg.data.max_seconds, cfg.data.use_transcript, frame_cache)
     collate = EmoQCollator(processor, with_prompt=stage == 2, with_answers=stage == 2, question=None)
-    common = dict(collate_fn=collate, num_workers=cfg.data.num_workers, worker_init_fn=seed_worker)
+    # a dedicated generator: creating a loader iterator then draws from it, not from the global RNG that
+    # dropout uses, so a resumed run (iterator created mid-epoch) stays on the uninterrupted run's RNG path
+    common = dict(collate_fn=collate, num_workers=cfg.data.num_workers, worker_init_fn=seed_worker,
+                  generator=torch.Generator().manual_seed(cfg.seed))
     if cfg.data.class_balanced:
         sampler = ClassBalancedSampler([u.label for u in scan.ok], seed=cfg.seed)
         return DataLoader(dataset, batch_size=cfg.trainer.batch_size, sampler=sampler, drop_last=True, **common), sampler
