@@ -22,7 +22,8 @@ def run_demo(args) -> int:
         return 0
     from .config import load_config
 
-    overrides = [f"data.root={corpus}", f"trainer.output_dir={out / 'runs'}", f"seed={args.seed}", *args.overrides]
+    overrides = [f"data.root={corpus}", f"trainer.output_dir={out / 'runs' / 'demo_cpu'}", f"seed={args.seed}",
+                 *args.overrides]
     cfg = load_config(CONFIGS_DIR / "emoq" / "demo_cpu.yaml", overrides)
     for name in ("stage1_qformer", "stage2_llm"):
         t = time.time()

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score
+from test_recipes import make_tone_corpus
 
 from emoq.cli import main as cli
 from emoq.inference import EmotionRecognizer
 from emoq.models.tiny import build_tiny
-from test_recipes import make_tone_corpus
 
 
 @pytest.fixture(scope="module")
