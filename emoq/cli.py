@@ -25,6 +25,9 @@ TASK_COMMANDS = {
     "eval": "emoq.evaluate",
     "chat": "emoq.chat",
     "demo": "emoq.demo",
+    "predict": "emoq.predict",
+    "export": "emoq.export",
+    "serve": "emoq.serve",
 }
 
 
@@ -120,12 +123,30 @@ def launch_command(recipe: Path, config: Path, overrides: list[str], nproc: int,
         return None
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if accelerate_config:
-        cmd += ["--config_file", str(find_shipped(accelerate_config if "/" in accelerate_config
-                                                  else f"accelerate/{accelerate_config}"))]
+        path = find_shipped(accelerate_config if "/" in accelerate_config else f"accelerate/{accelerate_config}")
+        cmd += ["--config_file", str(path)]
+        ds_json = _deepspeed_json(path)
+        if ds_json is not None:  # the YAML names it relative to the repository; make it work from any folder
+            cmd += ["--deepspeed_config_file", str(ds_json)]
     elif not _has_cuda():
         cmd += ["--multi_gpu"]  # with ACCELERATE_USE_CPU=true this really starts N gloo processes on CPU
     cmd += ["--num_processes", str(max(nproc, 1)), str(recipe), "--config", str(config), *overrides]
     return cmd
+
+
+def _deepspeed_json(accelerate_yaml: Path) -> Path | None:
+    """The DeepSpeed JSON an accelerate config points at, resolved (relative paths: against the project)."""
+    import yaml
+
+    data = yaml.safe_load(accelerate_yaml.read_text(encoding="utf-8")) or {}
+    name = (data.get("deepspeed_config") or {}).get("deepspeed_config_file")
+    if data.get("distributed_type") != "DEEPSPEED" or not name:
+        return None
+    path = Path(name)
+    for candidate in (path, accelerate_yaml.parent / path, PROJECT_ROOT / path):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise SystemExit(f"emoq run: {accelerate_yaml}: deepspeed_config_file '{name}' not found")
 
 
 def _has_cuda() -> bool:
@@ -152,7 +173,8 @@ def cmd_run(args) -> int:
         runpy.run_path(str(recipe), run_name="__main__")
         return 0
     env = dict(os.environ)
-    if not _has_cuda():
+    if not _has_cuda() and "--deepspeed_config_file" not in cmd:
+        # real gloo processes on CPU; not under DeepSpeed, which accelerate drops when told to use the CPU
         env.setdefault("ACCELERATE_USE_CPU", "true")
     print("launch: " + shlex.join(cmd), flush=True)
     return subprocess.call(cmd, env=env)
@@ -210,7 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `run RECIPE --config C k=v`: argparse binds the (empty) overrides at RECIPE, so the k=v after an
+    # option arrive as unknown arguments; collect them in order, and reject anything that is not k=v
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if getattr(args, "command", None) != "run" or any("=" not in a or a.startswith("-") for a in unknown):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides = [*args.overrides, *unknown]
     return int(args.func(args) or 0)
 
 

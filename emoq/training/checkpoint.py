@@ -37,10 +37,10 @@ def save_checkpoint(accelerator, model, processor, path: Path, trainer_state: di
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         weights = tmp / "weights"
-        unwrapped.save_pretrained(weights, state_dict=state_dict, safe_serialization=True)
-        processor.save_pretrained(weights)
-        if unwrapped.config.lora:
+        if unwrapped.config.lora:  # first: transformers' save_pretrained empties the state dict it is given
             unwrapped.save_adapter(weights / "adapter", state_dict=state_dict)
+        unwrapped.save_pretrained(weights, state_dict=dict(state_dict), safe_serialization=True)
+        processor.save_pretrained(weights)
         if run_config is not None:
             save_config(run_config, weights / "run_config.yaml")
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2), encoding="utf-8")

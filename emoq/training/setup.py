@@ -33,7 +33,10 @@ def seed_worker(worker_id: int) -> None:
 
 
 def build_accelerator(cfg: RunConfig, project_dir: str):
-    """Accelerator with gloo when CUDA is absent (DeepSpeed on CPU needs it), TensorBoard logging."""
+    """Accelerator with gloo when CUDA is absent (DeepSpeed on CPU needs it), TensorBoard logging.
+
+    `cpu=True` is not passed under DeepSpeed: accelerate would silently fall back to plain DDP.
+    """
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
@@ -47,14 +50,23 @@ def build_accelerator(cfg: RunConfig, project_dir: str):
         log_with = "tensorboard"
     except ImportError:
         pass
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=cfg.trainer.mixed_precision,
         gradient_accumulation_steps=cfg.trainer.gradient_accumulation_steps,
         kwargs_handlers=handlers,
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=project_dir, logging_dir=os.path.join(project_dir, "logs")),
-        cpu=not torch.cuda.is_available(),
+        cpu=not torch.cuda.is_available() and not _deepspeed_launch(),
     )
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.deepspeed_config.get("train_micro_batch_size_per_gpu") == "auto":
+        # our loaders batch through a length-grouped batch sampler, so accelerate cannot read a batch size
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.trainer.batch_size
+    return accelerator
+
+
+def _deepspeed_launch() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
 
 
 # ------------------------------------------------------------------ model

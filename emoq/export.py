@@ -1,0 +1,321 @@
+"""`emoq export`: a trained model as a self-contained Hugging Face folder with a model card.
+
+The folder holds everything needed to use the model without the training output:
+  config.json, model.safetensors   EmoQForConditionalGeneration.from_pretrained(out) / AutoModel (after
+                                   `import emoq.models`, which registers the EmoQ classes)
+  processor files                  EmoQProcessor.from_pretrained(out) (feature extractor, tokenizer, prompt)
+  labels.json                      the label map in id order (the order the model was trained with)
+  README.md                        model card: labels, base encoder/LLM, how to load and classify, metrics
+  adapter/                         (without --merge-lora) the LLM's LoRA in PEFT format
+  metrics.json, run_config.yaml    copied when given (--metrics) / present next to the weights
+
+--merge-lora folds the LoRA deltas into the LLM's base weights (W + B A * scaling, peft's own merge)
+and sets `config.lora = None`: the export has no LoRA modules and scores as the original does.
+The folder is written next to its destination and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+# ------------------------------------------------------------------ LoRA
+
+
+def merge_lora(model) -> int:
+    """Merge the LoRA layers injected into `model.language_model` into their base layers, in place.
+
+    The LoRA layers were put there by peft's `inject_adapter_in_model` (no PeftModel wrapper, so no
+    `merge_and_unload`); this does what `BaseTuner.merge_and_unload` does for each of them: `merge()`
+    the active adapter into the base weight (safe merge: NaNs raise) and put the base layer back in the
+    wrapper's place. Sets `config.lora = None`. Returns how many layers were merged.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    llm = model.language_model
+    names = [name for name, module in llm.named_modules() if isinstance(module, BaseTunerLayer)]
+    outermost = [n for n in names if not any(n.startswith(other + ".") for other in names if other != n)]
+    for name in outermost:
+        layer = llm.get_submodule(name)
+        parent_name, _, child_name = name.rpartition(".")
+        parent = llm.get_submodule(parent_name) if parent_name else llm
+        if hasattr(layer, "unload_and_optionally_merge_module"):  # e.g. LoRA on nn.MultiheadAttention
+            base = layer.unload_and_optionally_merge_module(merge=True, safe_merge=True, adapter_names=None)
+        else:
+            layer.merge(safe_merge=True)
+            base = layer.get_base_layer()
+        setattr(parent, child_name, base)
+    left = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    if left:
+        raise RuntimeError(f"LoRA layers left after merging: {left[:5]}")
+    if hasattr(llm, "peft_config"):
+        del llm.peft_config
+    model.config.lora = None
+    return len(outermost)
+
+
+# ------------------------------------------------------------------ model card
+
+
+def label_list(config) -> list[str]:
+    """Labels in id order (config.id2label, keys may be ints or strings)."""
+    return [config.id2label[k] for k in sorted(config.id2label, key=int)]
+
+
+def base_models(config, folders: list[Path]) -> dict[str, str | None]:
+    """Base encoder / LLM names: the sub-configs' `_name_or_path`, else the run config or the adapter."""
+    names = {
+        "encoder": getattr(config.audio_config, "_name_or_path", None) or None,
+        "llm": getattr(config.text_config, "_name_or_path", None) or None,
+    }
+    for folder in folders:
+        run_config = folder / "run_config.yaml"
+        if not all(names.values()) and run_config.is_file():
+            import yaml
+
+            try:
+                model_cfg = (yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}).get("model") or {}
+            except (yaml.YAMLError, AttributeError):
+                model_cfg = {}
+            names["encoder"] = names["encoder"] or model_cfg.get("encoder") or None
+            names["llm"] = names["llm"] or model_cfg.get("llm") or None
+        adapter_config = folder / "adapter" / "adapter_config.json"
+        if not names["llm"] and adapter_config.is_file():
+            names["llm"] = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path") or None
+    return names
+
+
+def _describe(sub_config) -> str:
+    parts = [f"`{sub_config.model_type}`"]
+    for key in ("d_model", "hidden_size"):
+        if getattr(sub_config, key, None):
+            parts.append(f"width {getattr(sub_config, key)}")
+            break
+    layers = getattr(sub_config, "num_hidden_layers", None) or getattr(sub_config, "encoder_layers", None)
+    if layers:
+        parts.append(f"{layers} layers")
+    return ", ".join(parts)
+
+
+def model_card(name: str, model, labels: list[str], bases: dict, merged: bool, lora: dict | None,
+               metrics: dict | None) -> str:
+    config = model.config
+    hub_bases = [b for b in (bases["encoder"], bases["llm"]) if b and HUB_ID.match(b) and not Path(b).exists()]
+    front = ["---", "library_name: emoq", "pipeline_tag: audio-classification",
+             "tags:", "- speech-emotion-recognition", "- emoq", "- audio"]
+    if hub_bases:
+        front += ["base_model:", *[f"- {b}" for b in hub_bases]]
+    front.append("---")
+    n_params = sum(p.numel() for p in model.parameters())
+    if merged:
+        lora_line = "merged into the LLM's weights (`emoq export --merge-lora`); the model has no LoRA layers"
+    elif lora:
+        lora_line = (f"kept as LoRA layers (r={lora.get('r', 8)}, alpha={lora.get('alpha', 16)}, targets "
+                     f"{lora.get('target_modules', ['q_proj', 'k_proj', 'v_proj', 'o_proj'])}); also in PEFT "
+                     "format under `adapter/`")
+    else:
+        lora_line = "none (the LLM was not LoRA-tuned)"
+    lines = [
+        *front,
+        "",
+        f"# {name}",
+        "",
+        "Speech emotion recognition with emoq (EmoQ): a speech encoder, an EmoQ-Former "
+        "that summarises its frames into query tokens, and an LLM that answers with the emotion label. "
+        "Classification scores every label's answer under the LLM (no free generation), so the prediction "
+        "is always one of the labels below.",
+        "",
+        "## Labels (in id order)",
+        "",
+        "| id | label |",
+        "|---|---|",
+        *[f"| {i} | {label} |" for i, label in enumerate(labels)],
+        "",
+        "The same map is in `labels.json` and in `config.json` (`id2label`).",
+        "",
+        "## Model",
+        "",
+        f"- speech encoder: {('`' + bases['encoder'] + '`') if bases['encoder'] else 'unknown'} "
+        f"({_describe(config.audio_config)}, frozen)",
+        f"- LLM: {('`' + bases['llm'] + '`') if bases['llm'] else 'unknown'} ({_describe(config.text_config)})",
+        f"- EmoQ-Former: {config.qformer_config.num_hidden_layers} layers, width {config.qformer_config.hidden_size}, "
+        f"{config.num_query_tokens} query tokens"
+        + (f" per {config.qformer_config.window_seconds:g} s window" if config.qformer_config.window_seconds else ""),
+        f"- LoRA: {lora_line}",
+        f"- transcripts: {'used when given' if config.use_transcript else 'not used'}",
+        f"- parameters: {n_params:,} (LLM in {next(model.language_model.parameters()).dtype})",
+        "",
+        "## How to use",
+        "",
+        "```bash",
+        "pip install emoq",
+        "emoq predict --model PATH --out predictions.jsonl clip1.wav clip2.mp3",
+        "```",
+        "",
+        "```python",
+        "from emoq.inference import EmotionRecognizer",
+        "",
+        'rec = EmotionRecognizer.from_pretrained("PATH")',
+        'result = rec.classify("clip.wav")  # a path, encoded bytes, or (array, sample_rate)',
+        'print(result["label"], result["scores"])  # label and {label: probability}',
+        "```",
+        "",
+        "Lower level, with the transformers Auto classes:",
+        "",
+        "```python",
+        "import emoq.models  # registers the EmoQ classes with AutoConfig / AutoModel",
+        "from transformers import AutoModel",
+        "from emoq.audio import load_audio",
+        "from emoq.processing_emoq import EmoQProcessor",
+        "",
+        'model = AutoModel.from_pretrained("PATH").eval()',
+        'processor = EmoQProcessor.from_pretrained("PATH")',
+        'batch = processor([load_audio("clip.wav")])',
+        "loglik = model.score_labels(batch['input_ids'], batch['attention_mask'], batch['input_features'],",
+        "                            processor.label_candidates(), batch['feature_attention_mask'])",
+        "print(model.config.id2label[int(loglik.argmax(-1))])",
+        "```",
+    ]
+    if not merged and lora:
+        lines += [
+            "",
+            "`adapter/` holds only the LLM's LoRA (PEFT format, `PeftModel.from_pretrained(llm, 'PATH/adapter')`); "
+            "the speech encoder, EmoQ-Former and projector weights are in `model.safetensors`.",
+        ]
+    lines += ["", "## Evaluation", ""]
+    if metrics is None:
+        lines.append("No evaluation metrics were given at export time (`emoq eval` writes them; "
+                     "`emoq export --metrics metrics.json` puts them here).")
+    else:
+        from .metrics import format_metrics_table
+
+        protocol = metrics.get("protocol") or {}
+        if protocol:
+            lines.append(f"Data: {protocol.get('dataset', '?')} ({protocol.get('split', '?')}), "
+                         f"mode: {protocol.get('mode', '?')}; scored {metrics.get('rows_ok', '?')} of "
+                         f"{metrics.get('rows_total', '?')} rows ({metrics.get('rows_error', 0)} could not be loaded).")
+            lines.append("")
+        headline = [("accuracy (WA)", "accuracy"), ("unweighted accuracy (UA)", "unweighted_accuracy"),
+                    ("weighted F1", "weighted_f1"), ("macro F1", "macro_f1")]
+        if metrics.get("per_class") and all(k in metrics for _, k in headline) and "num_samples" in metrics:
+            lines.append(format_metrics_table(metrics))
+        elif any(isinstance(metrics.get(k), int | float) for _, k in headline):
+            lines += ["| metric | value |", "|---|---|",
+                      *[f"| {name} | {metrics[k] * 100:.2f} |" for name, k in headline
+                        if isinstance(metrics.get(k), int | float)]]
+        else:
+            lines.append("(the metrics file holds no scored results)")
+        lines += ["", "Full metrics (per class, confusion matrix, protocol): `metrics.json`."]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ export
+
+
+def _read_metrics(path: str | Path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise SystemExit(f"emoq export: cannot read metrics from {path}: {err}") from None
+    if not isinstance(metrics, dict):
+        raise SystemExit(f"emoq export: {path} does not hold a JSON object of metrics")
+    return metrics
+
+
+def export_model(model_dir: str | Path, out: str | Path, merge: bool = False, metrics_path: str | Path | None = None,
+                 force: bool = False) -> Path:
+    """Write the export folder (see the module docstring) and return its path."""
+    import torch
+
+    from .inference import weights_folder
+    from .models import EmoQForConditionalGeneration
+    from .processing_emoq import EmoQProcessor
+
+    source = weights_folder(model_dir).resolve()
+    out = Path(out).resolve()
+    if source == out or source.is_relative_to(out):
+        raise SystemExit(f"emoq export: --out {out} would overwrite the model being exported ({source})")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise SystemExit(f"emoq export: {out} exists and is not empty (use --force to replace it)")
+    metrics = _read_metrics(metrics_path) if metrics_path is not None else None
+
+    model = EmoQForConditionalGeneration.from_pretrained(source).eval()
+    processor = EmoQProcessor.from_pretrained(source)
+    labels = label_list(model.config)
+    if list(processor.labels) != labels:
+        print(f"emoq export: warning: processor labels {processor.labels} differ from config.id2label {labels}",
+              file=sys.stderr)
+    bases = base_models(model.config, [source, Path(model_dir)])
+    lora = dict(model.config.lora) if model.config.lora else None
+    if merge and not lora:
+        print("emoq export: the model has no LoRA layers; --merge-lora has nothing to merge", file=sys.stderr)
+    if bases["llm"] and not getattr(model.language_model.config, "_name_or_path", None):
+        model.language_model.config._name_or_path = bases["llm"]  # recorded in adapter_config.json
+
+    tmp = out.parent / f".{out.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        with torch.no_grad():
+            if merge and lora:
+                merge_lora(model)
+            elif lora:
+                model.save_adapter(tmp / "adapter")
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        label_map = {"labels": labels, "id2label": {str(i): label for i, label in enumerate(labels)},
+                     "label2id": {label: i for i, label in enumerate(labels)}}
+        (tmp / "labels.json").write_text(json.dumps(label_map, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        for folder in (source, Path(model_dir)):
+            if (folder / "run_config.yaml").is_file():
+                shutil.copyfile(folder / "run_config.yaml", tmp / "run_config.yaml")
+                break
+        if metrics is not None:
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
+        card = model_card(out.name, model, labels, bases, merged=bool(merge and lora), lora=lora, metrics=metrics)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.parent / f".{out.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+    return out
+
+
+def run_export(args) -> int:
+    out = export_model(args.model, args.out, merge=args.merge_lora, metrics_path=args.metrics, force=args.force)
+    files = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
+    print(f"exported {args.model} -> {out}{' (LoRA merged)' if args.merge_lora else ''}: {', '.join(files)}")
+    return 0
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        "export", help="write a self-contained Hugging Face folder with a model card (optionally LoRA merged)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="trained model folder (stage-2 'final' or its weights/)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--merge-lora", action="store_true", help="fold the LoRA weights into the LLM (no LoRA layers)")
+    p.add_argument("--metrics", default=None, help="metrics.json written by emoq eval (or its folder) for the card")
+    p.add_argument("--force", action="store_true", help="replace an existing, non-empty --out folder")
+    p.set_defaults(func=run_export)
+    return p
