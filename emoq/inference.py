@@ -106,34 +106,49 @@ class EmotionRecognizer:
     # ------------------------------------------------------------------ chat
 
     def chat(self, audio: AudioInput, question: str, text: str | None = None, stream: bool = False,
-             max_new_tokens: int = 64, sample_rate: int | None = None) -> str | Iterator[str]:
-        """Free-form answer about one clip (greedy); `stream=True` yields text pieces as they are decoded."""
+             max_new_tokens: int = 64, sample_rate: int | None = None,
+             history: Sequence[tuple[str, str]] = ()) -> str | Iterator[str]:
+        """Free-form answer about one clip (greedy); `stream=True` yields text pieces as they are decoded.
+
+        `history`: the earlier (question, answer) turns of a conversation about this clip.
+        """
         clip = self.load(audio, sample_rate)
         if stream:
-            return self._stream(clip, question, text, max_new_tokens)
-        return self.chat_batch([clip], [question], [text], max_new_tokens=max_new_tokens)[0]
+            return self._stream(clip, question, text, max_new_tokens, history)
+        return self.chat_batch([clip], [question], [text], max_new_tokens=max_new_tokens, histories=[history])[0]
 
     @torch.no_grad()
     def chat_batch(self, audios: Sequence[np.ndarray], questions: Sequence[str], texts=None,
-                   max_new_tokens: int = 64) -> list[str]:
+                   max_new_tokens: int = 64, histories=None) -> list[str]:
         """Greedy answers for several clips at once (left padding: same answers as one by one)."""
-        b = self._inputs(self.processor(list(audios), transcripts=texts, questions=list(questions), padding_side="left"))
+        b = self._inputs(self.processor(list(audios), transcripts=texts, questions=list(questions), padding_side="left",
+                                        histories=histories))
         out = self.model.generate(**b, max_new_tokens=max_new_tokens, do_sample=False,
                                   pad_token_id=self.processor.tokenizer.pad_token_id)
         return [t.strip() for t in self.processor.decode(out)]
 
-    def _stream(self, audio: np.ndarray, question: str, text: str | None, max_new_tokens: int) -> Iterator[str]:
+    def _stream(self, audio: np.ndarray, question: str, text: str | None, max_new_tokens: int,
+                history: Sequence[tuple[str, str]] = ()) -> Iterator[str]:
         from transformers import TextIteratorStreamer
 
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=False, skip_special_tokens=True)
-        b = self._inputs(self.processor([audio], transcripts=[text], questions=[question], padding_side="left"))
+        b = self._inputs(self.processor([audio], transcripts=[text], questions=[question], padding_side="left",
+                                        histories=[history]))
         kwargs = dict(**b, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
                       pad_token_id=self.processor.tokenizer.pad_token_id)
-        thread = threading.Thread(target=lambda: self._generate_no_grad(kwargs), daemon=True)
+        failure: list[BaseException] = []
+        thread = threading.Thread(target=self._generate_into, args=(kwargs, streamer, failure), daemon=True)
         thread.start()
         yield from streamer
         thread.join()
+        if failure:  # raised here, in the consumer's thread, instead of dying unseen in the generator's
+            raise failure[0]
 
     @torch.no_grad()
-    def _generate_no_grad(self, kwargs: dict) -> None:
-        self.model.generate(**kwargs)
+    def _generate_into(self, kwargs: dict, streamer, failure: list) -> None:
+        """Run generate for `_stream`; on an error, record it and end the stream so the reader never blocks."""
+        try:
+            self.model.generate(**kwargs)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer thread, which re-raises it
+            failure.append(err)
+            streamer.end()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -106,13 +107,23 @@ class EmoQProcessor:
 
     # ------------------------------------------------------------------ text
 
-    def messages(self, question: str | None = None, transcript: str | None = None) -> list[dict]:
+    def messages(self, question: str | None = None, transcript: str | None = None,
+                 history: Sequence[tuple[str, str]] = ()) -> list[dict]:
+        """The chat about one clip: the first user turn carries the clip (placeholder) and the transcript;
+        `history` holds the earlier (question, answer) turns, `question` is the one to answer now."""
+        turns = [*history, (question, None)]
         lines = [PLACEHOLDER_TOKEN]
         if transcript and self.transcript_in_prompt:
             lines.append(f"Transcript: {transcript}")
-        lines.append(question or self.default_question())
+        lines.append(turns[0][0] or self.default_question())
         msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return msgs + [{"role": "user", "content": "\n".join(lines)}]
+        msgs.append({"role": "user", "content": "\n".join(lines)})
+        for i, (q, answer) in enumerate(turns):
+            if i > 0:
+                msgs.append({"role": "user", "content": q or self.default_question()})
+            if answer is not None:
+                msgs.append({"role": "assistant", "content": answer})
+        return msgs
 
     def default_question(self) -> str:
         return f"{DEFAULT_QUESTION} Answer with one word from: {', '.join(self.labels)}."
@@ -151,9 +162,12 @@ class EmoQProcessor:
         answers: list[str] | None = None,
         padding_side: str = "right",
         with_prompt: bool = True,
+        histories: list[Sequence[tuple[str, str]]] | None = None,
     ) -> BatchFeature:
-        """Batch of model inputs. `answers` adds `labels`; left padding is for `generate`."""
+        """Batch of model inputs. `answers` adds `labels`; left padding is for `generate`;
+        `histories` gives each clip's earlier (question, answer) turns for multi-turn chat."""
         n = len(audios)
+        histories = list(histories) if histories is not None else [()] * n
         transcripts = list(transcripts) if transcripts is not None else [None] * n
         if questions is None or isinstance(questions, str):
             questions = [questions] * n
@@ -163,7 +177,7 @@ class EmoQProcessor:
         if with_prompt:
             seqs, labels = [], []
             for f, t, q, i in zip(feats, transcripts, questions, range(n)):
-                msgs = self.messages(q, t)
+                msgs = self.messages(q, t, histories[i])
                 prompt = self._ids(self.render_prompt(msgs, self.num_queries(f.shape[-1])))
                 answer = self._ids(self.answer_suffix(msgs, answers[i])) if answers is not None else []
                 seqs.append(prompt + answer)

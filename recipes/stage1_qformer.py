@@ -34,6 +34,8 @@ from emoq.training.setup import (
     train_loader,
 )
 
+log = logging.getLogger("emoq.stage1")
+
 
 @dataclass
 class Context:
@@ -74,7 +76,11 @@ def setup(cfg: RunConfig) -> Context:
     for part in (model.qformer, model.classifier, model.contrastive_head):
         part.requires_grad_(True)
     if model.speech_encoder.layer_weights is not None:
-        model.speech_encoder.layer_weights.requires_grad_(True)
+        if cfg.stage1.cache_encoder_features:  # cached frames are already mixed: no gradient reaches the mix
+            log.warning("stage1.cache_encoder_features: the learned layer mix stays at its initial (uniform) "
+                        "weights in stage 1; stage 2, which runs the encoder, learns it")
+        else:
+            model.speech_encoder.layer_weights.requires_grad_(True)
     if accelerator.is_main_process:
         print_parameter_table(model)
     labels = list(model.config.id2label.values())

@@ -84,6 +84,25 @@ def test_stage1_learns_and_stage2_starts_from_it(corpus, tmp_path):
     assert json.loads((weights / "config.json").read_text())["id2label"]["0"] == "neutral"
 
 
+@pytest.mark.parametrize("cache", [False, True])
+def test_stage1_feature_cache_matches_live_encoder_and_layer_mix(corpus, tmp_path, cache):
+    """The cache feeds the EmoQ-Former the same frames as the live encoder (same first loss); the learned
+    layer mix trains on live frames and, with a cache (frames already mixed), stays at its initial weights."""
+    stage1 = load_recipe("stage1_qformer")
+    cfg = _cfg(corpus, tmp_path, "model.encoder_layers=[1,2]", f"stage1.cache_encoder_features={cache}",
+               "model.qformer_dropout=0.0", "trainer.max_steps=3", "trainer.eval_every=100")
+    ctx = stage1.setup(cfg)
+    mix = ctx.accelerator.unwrap_model(ctx.model).speech_encoder.layer_weights
+    before = mix.detach().clone()
+    result = stage1.train(ctx)
+    assert mix.requires_grad is not cache
+    assert torch.equal(mix.detach(), before) is cache
+    other = stage1.setup(_cfg(corpus, tmp_path / "other", "model.encoder_layers=[1,2]",
+                              f"stage1.cache_encoder_features={not cache}", "model.qformer_dropout=0.0",
+                              "trainer.max_steps=1", "trainer.eval_every=100"))
+    assert stage1.train(other).losses[0] == pytest.approx(result.losses[0], rel=1e-5, abs=1e-6)
+
+
 def test_resume_reproduces_the_uninterrupted_run(corpus, tmp_path):
     stage1 = load_recipe("stage1_qformer")
     common = ("trainer.max_steps=8", "trainer.save_every=3", "trainer.batch_size=4", "trainer.eval_every=100",
