@@ -124,11 +124,12 @@ def test_prepare_is_resumable_and_parallel_matches_serial(meld_root, tmp_path):
     first = prepare("meld", meld_root, serial, workers=1, quiet=True)
     wavs = sorted((serial / "wav").rglob("*.wav"))
     mtimes = {p: p.stat().st_mtime_ns for p in wavs}
+    manifests = {split: (serial / f"{split}.jsonl").read_bytes() for split in ("train", "dev")}
     again = prepare("meld", meld_root, serial, workers=1, quiet=True)
-    # nothing new decoded: only the error rows are retried; ok wavs untouched
-    assert again.reused == first.ok and again.decoded == first.error
+    # nothing decoded: ok wavs untouched, failed clips whose source did not change stay failed
+    assert again.decoded == 0 and again.reused == first.ok + first.error == len(CASES) + 2
     assert {p: p.stat().st_mtime_ns for p in wavs} == mtimes
-    assert _rows(serial / "train.jsonl") == _rows(serial / "train.jsonl")
+    assert {split: (serial / f"{split}.jsonl").read_bytes() for split in ("train", "dev")} == manifests
     prepare("meld", meld_root, parallel, workers=2, quiet=True)
     for split in ("train", "dev"):
         assert (parallel / f"{split}.jsonl").read_bytes() == (serial / f"{split}.jsonl").read_bytes()
@@ -137,7 +138,61 @@ def test_prepare_is_resumable_and_parallel_matches_serial(meld_root, tmp_path):
     # a damaged wav from an earlier run is decoded again
     wavs[0].write_bytes(b"garbage")
     third = prepare("meld", meld_root, serial, workers=1, quiet=True)
-    assert third.decoded == first.error + 1 and sf.info(str(wavs[0])).samplerate == 16000
+    assert third.decoded == 1 and sf.info(str(wavs[0])).samplerate == 16000
+
+
+N_CLIPS = 1000
+BAD = {7: None, 250: _bytes(TEXT_BYTES), 499: good_wav(0.05), 730: _bytes(b""), 999: None}  # index -> bad clip
+
+
+@pytest.mark.slow
+def test_prepare_1000_clips_two_workers_progress_and_no_work_on_rerun(tmp_path, capsys, monkeypatch):
+    import emoq.data.prepare as prepare_mod
+    from emoq.cli import main
+
+    entries = []
+    for i in range(N_CLIPS):
+        clip = BAD[i] if i in BAD else good_wav(0.2 + 0.1 * (i % 11) / 10)  # 0.2 - 0.3 s
+        entries.append((i // 10, i % 10, ("joy", "anger", "neutral")[i % 3], f"Clip {i}.", clip))
+    root = build_meld_tree(tmp_path / "meld", {"train": entries})
+    out = tmp_path / "out"
+    pools = []
+
+    class SpyPool(prepare_mod.ProcessPoolExecutor):
+        def __init__(self, max_workers=None, **kwargs):
+            pools.append(max_workers)
+            super().__init__(max_workers=max_workers, **kwargs)
+
+    monkeypatch.setattr(prepare_mod, "ProcessPoolExecutor", SpyPool)
+    first = prepare("meld", root, out, workers=2, progress=True)
+    captured = capsys.readouterr()
+    assert pools == [2]  # decoded by a 2-process pool
+    assert "decoding: 100%" in captured.err and f"{N_CLIPS}/{N_CLIPS}" in captured.err  # the progress bar
+    rows = _rows(out / "train.jsonl")
+    assert len(rows) == N_CLIPS and [r["key"] for r in rows] == [f"train/dia{i // 10}_utt{i % 10}" for i in range(N_CLIPS)]
+    assert {i for i, r in enumerate(rows) if r["status"] == "error"} == set(BAD)
+    assert first.ok == N_CLIPS - len(BAD) and first.error == len(BAD) and first.decoded == N_CLIPS
+    assert f"{N_CLIPS - len(BAD)} ok, {len(BAD)} error" in captured.out
+    assert all(0.2 - 1e-6 <= r["duration"] <= 0.3 + 1e-6 for r in rows if r["status"] == "ok")
+    manifest = (out / "train.jsonl").read_bytes()
+
+    # second run, through the CLI with 2 workers: no decoding at all, the same manifest
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the second run decoded clips")
+
+    monkeypatch.setattr(prepare_mod, "_run_jobs", no_decoding)
+    assert main(["prepare", "meld", "--root", str(root), "--out", str(out), "--workers", "2"]) == 0
+    assert f"(decoded 0, reused {N_CLIPS} from an earlier run)" in capsys.readouterr().out
+    assert (out / "train.jsonl").read_bytes() == manifest and pools == [2]
+
+    # failed clips whose file appears or changes are retried, and only those
+    monkeypatch.undo()
+    good_wav(0.25)(root / "train_splits" / "dia0_utt7")  # was missing
+    good_wav(0.25)(root / "train_splits" / "dia25_utt0")  # was text bytes, same path
+    third = prepare("meld", root, out, workers=1, quiet=True)
+    assert third.decoded == 2 and third.reused == N_CLIPS - 2 and third.error == len(BAD) - 2
+    rows = _rows(out / "train.jsonl")
+    assert rows[7]["status"] == rows[250]["status"] == "ok" and rows[499]["status"] == "error"
 
 
 def test_prepare_max_seconds_truncates_and_lists(meld_root, tmp_path, caplog):

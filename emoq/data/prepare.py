@@ -15,9 +15,12 @@ What it guarantees:
   ``error`` that names the file; training skips those rows and says how many.
 - **Decoded once, in parallel**: a process pool decodes every clip (wav/flac/mp3 via soundfile,
   mp4 via PyAV), writes each wav atomically (temp file + rename) at 16-bit PCM.
-- **Resumable**: re-running skips every clip whose wav already exists, is valid (16 kHz mono,
-  long enough) and is newer than its source; failed rows are retried. Changing ``--max-seconds``
-  or ``--min-seconds`` re-decodes everything (recorded in ``OUT/.emoq_prepare.json``).
+- **Resumable**: a second run decodes nothing that is already done. It keeps every wav that
+  exists, is valid (16 kHz mono, long enough) and is newer than its source, and every failed row
+  whose source file is unchanged (same path, size and mtime: ``source_stat`` in the error row); a
+  failed clip is retried once its file appears or changes. ``--overwrite`` decodes everything
+  again, and so does changing ``--max-seconds`` or ``--min-seconds`` (recorded in
+  ``OUT/.emoq_prepare.json``).
 - **Deterministic**: the manifest does not depend on ``--workers``.
 - Long clips are kept whole unless ``--max-seconds`` is given; truncations are listed.
 - Exit status is non-zero only when not a single clip converted.
@@ -63,7 +66,7 @@ class PrepareReport:
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
     decoded: int = 0  # clips decoded by this run
-    reused: int = 0  # valid wavs kept from an earlier run
+    reused: int = 0  # rows taken from an earlier run: valid wavs + failures whose source is unchanged
 
     @property
     def ok(self) -> int:
@@ -220,6 +223,15 @@ def _valid_wav(dst: Path, src, sr: int, min_seconds: float, max_seconds: float |
     return duration
 
 
+def _source_stat(src) -> list[int] | None:
+    """[size, mtime_ns] of a source file (None: missing): a failed clip is retried when this changes."""
+    try:
+        st = os.stat(src)
+    except (OSError, TypeError, ValueError):
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
 def _pool_context():
     methods = multiprocessing.get_all_start_methods()
     return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
@@ -300,10 +312,11 @@ def prepare(
     state_path.write_text(json.dumps(state, indent=1) + "\n")
 
     report = PrepareReport(dataset=dataset, out=out, excluded=excluded, warnings=notes)
+    previous_rows = _previous_rows(out, by_split) if reuse else {}
     plans: dict[str, list[tuple[Utterance, Path]]] = {}
     jobs: list[tuple] = []
     job_index: dict[tuple[str, int], int] = {}
-    reused: dict[tuple[str, int], float] = {}
+    reused: dict[tuple[str, int], dict] = {}  # results carried over from the earlier run
     for split, utterances in by_split.items():
         used: set[str] = set()
         plan = []
@@ -317,27 +330,26 @@ def prepare(
             used.add(name)
             dst = out / "wav" / _safe(split) / f"{name}.wav"
             plan.append((u, dst))
+            old = previous_rows.get(u.key, {})
             duration = _valid_wav(dst, u.audio, _SAMPLE_RATE, min_seconds, max_seconds) if reuse and dst.is_file() else None
             if duration is not None:
-                reused[(split, i)] = duration
+                reused[(split, i)] = {"status": "ok", "duration": duration, "truncated": bool(old.get("truncated", False)),
+                                      "source_duration": old.get("source_duration")}
+            elif (old.get("status") == "error" and old.get("source") == u.audio
+                  and old.get("source_stat") == _source_stat(u.audio)):
+                reused[(split, i)] = {"status": "error", "error": old.get("error")}  # same file, same failure
             else:
                 job_index[(split, i)] = len(jobs)
                 jobs.append((u.audio, str(dst), _SAMPLE_RATE, max_seconds, min_seconds))
         plans[split] = plan
 
-    previous_rows = _previous_rows(out, plans) if reused else {}
     results = _run_jobs(jobs, workers, progress) if jobs else []
     report.decoded, report.reused = len(jobs), len(reused)
 
     for split, plan in plans.items():
         rows, counts = [], Counter(ok=0, error=0)
         for i, (u, dst) in enumerate(plan):
-            if (split, i) in reused:
-                old = previous_rows.get(u.key, {})
-                result = {"status": "ok", "duration": reused[(split, i)],
-                          "truncated": bool(old.get("truncated", False)), "source_duration": old.get("source_duration")}
-            else:
-                result = results[job_index[(split, i)]]
+            result = reused.get((split, i)) or results[job_index[(split, i)]]
             row = {
                 "key": u.key, "split": u.split, "dialogue_id": u.dialogue_id, "utterance_id": u.utterance_id,
                 "speaker": u.speaker, "text": u.text, "label": u.label,
@@ -353,6 +365,7 @@ def prepare(
                 if result["truncated"]:
                     report.truncated.append((u.key, result["source_duration"]))
             else:
+                row["source_stat"] = _source_stat(u.audio)
                 report.errors.append((u.key, result["error"]))
             for k, v in u.extra.items():
                 if k not in row and k not in ("audio_missing", "status", "error", "duration"):
@@ -373,7 +386,7 @@ def prepare(
 
 
 def _previous_rows(out: Path, plans) -> dict[str, dict]:
-    """Rows of the manifests an earlier run wrote (to carry ``truncated`` info over on resume)."""
+    """Rows of the manifests an earlier run wrote, by key (``truncated`` info and failures carry over)."""
     rows: dict[str, dict] = {}
     for split in plans:
         path = out / f"{_safe(split)}.jsonl"
@@ -401,7 +414,7 @@ def add_parser(subparsers):
         help="convert a corpus once to 16 kHz mono wavs + JSONL manifests (resumable, parallel)",
         description="Convert a corpus once into 16 kHz mono wavs + one JSONL manifest per split. Every input "
         "row gets a manifest line (bad media: status 'error' with a message naming the file); re-running "
-        "skips clips already converted.",
+        "decodes only clips that are new or whose source changed (failed clips stay failed until then).",
         epilog="Examples:\n  emoq prepare meld --root MELD.Raw --out data/meld16k --workers 4\n"
         "  emoq prepare iemocap --root IEMOCAP_full_release --out data/iemocap16k\n"
         "  emoq prepare manifest --root corpus.jsonl --out data/corpus16k",
