@@ -8,6 +8,10 @@ Writes into --out:
 Rows whose audio cannot be loaded are reported with status "error" and excluded from the metrics;
 the count is printed next to the headline. `--mode generate` maps free text onto the label set
 through aliases and counts unmappable answers (they score as wrong, never dropped).
+
+Under `accelerate launch` / `torchrun` with N processes, rank r scores rows r, r+N, r+2N, ... on its
+own device; the records are gathered on rank 0, which alone writes the outputs, rows in input order
+(on CPU: `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N -m emoq.cli eval ...`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import platform
 from pathlib import Path
 
 log = logging.getLogger("emoq.eval")
+
+UNMAPPED = "<unmapped>"  # the prediction of a generated answer that names no label of the set
 
 
 def read_rows(args):
@@ -66,9 +72,54 @@ def evaluate_rows(recognizer, rows, mode: str = "score", batch_size: int = 8, la
             answers = recognizer.chat_batch([clips[j] for j in part], [question] * len(part),
                                             [texts[j] for j in part] if texts else None, max_new_tokens=16)
             for j, answer in zip(part, answers):
-                mapped = label_set.parse_free_text(answer) if label_set else None
-                records[ok_idx[j]].update(answer=answer, pred=mapped if mapped else "<unmapped>")
+                records[ok_idx[j]].update(answer=answer, pred=map_answer(answer, label_set))
     return records
+
+
+def map_answer(answer: str | None, label_set) -> str:
+    """A generated answer as a label of `label_set` (through its aliases), or UNMAPPED."""
+    mapped = label_set.parse_free_text(answer) if label_set is not None else None
+    return mapped or UNMAPPED
+
+
+def distributed_state(device: str | None):
+    """accelerate's PartialState when launched with several processes (accelerate launch, torchrun,
+    mpirun), else None: a single process never touches torch.distributed. Ranks use gloo on the CPU
+    (no CUDA, ACCELERATE_USE_CPU=true or --device cpu), the accelerator's default backend otherwise."""
+    from accelerate.utils import get_int_from_env, parse_flag_from_env
+
+    if get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    cpu = (parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+           or (device is not None and torch.device(device).type == "cpu"))
+    return PartialState(cpu=cpu, **({"backend": "gloo"} if cpu else {}))
+
+
+def rank_device(state, device: str | None):
+    """This rank's device: --device if it names one exactly (e.g. cpu, cuda:1), else the rank's own."""
+    import torch
+
+    if state is None or (device is not None and (torch.device(device).type == "cpu" or ":" in device)):
+        return device
+    return "cpu" if state.device.type == "cpu" else str(state.device)
+
+
+def evaluate_sharded(recognizer, rows, state, mode: str, batch_size: int, label_set) -> list[dict]:
+    """Rank r scores rows r, r+N, ...; every rank gets all records back, in input order."""
+    if state is None or state.num_processes == 1:
+        return evaluate_rows(recognizer, rows, mode, batch_size, label_set)
+    from accelerate.utils import gather_object
+
+    mine = list(range(state.process_index, len(rows), state.num_processes))
+    records = evaluate_rows(recognizer, [rows[i] for i in mine], mode, batch_size, label_set)
+    gathered = gather_object(list(zip(mine, records)))
+    by_index = dict(gathered)
+    if len(gathered) != len(rows) or sorted(by_index) != list(range(len(rows))):
+        raise RuntimeError(f"emoq eval: gathered {len(gathered)} records for {len(rows)} rows")
+    return [by_index[i] for i in range(len(rows))]
 
 
 def summarise(records, labels, protocol: dict) -> dict:
@@ -126,22 +177,30 @@ def run_eval(args) -> int:
     from .inference import EmotionRecognizer
     from .labels import get_label_set
 
-    recognizer = EmotionRecognizer.from_pretrained(args.model, device=args.device)
+    state = distributed_state(args.device)
+    num_processes = state.num_processes if state is not None else 1
+    is_main = state is None or state.is_main_process
+    recognizer = EmotionRecognizer.from_pretrained(args.model, device=rank_device(state, args.device))
     labels = recognizer.labels  # the trained order (id2label in the saved config), never re-derived
     if args.label_set is None:
         args.label_set = {"meld": "meld7", "iemocap": "iemocap4"}.get(args.dataset) if not args.manifest else None
     rows, source = read_rows(args)
-    records = evaluate_rows(recognizer, rows, args.mode, args.batch_size, get_label_set(args.label_set or "meld7"))
+    records = evaluate_sharded(recognizer, rows, state, args.mode, args.batch_size,
+                               get_label_set(args.label_set or "meld7"))
     run_config = Path(args.model) / "weights" / "run_config.yaml"
     protocol = {
         "dataset": source.split(":")[0], "split": source.split(":", 1)[1], "source": source,
-        "classes": labels, "mode": args.mode, "model": str(args.model),
+        "classes": labels, "mode": args.mode, "model": str(args.model), "num_processes": num_processes,
         "config": str(run_config) if run_config.is_file() else None,
         "seed": getattr(recognizer.model.config, "seed", None),
         "versions": {"emoq": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
     }
     metrics = summarise(records, labels, protocol)
+    if state is not None:
+        state.destroy_process_group()  # every rank holds every record now; no more collectives
+    if not is_main:
+        return 0 if metrics["rows_ok"] else 1
     out = Path(args.out)
     write_outputs(out, records, metrics, labels)
     headline = metrics.get("weighted_f1")

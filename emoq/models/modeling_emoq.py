@@ -37,7 +37,11 @@ class PlaceholderCountError(ValueError):
 
 @dataclass
 class EmoQOutput(ModelOutput):
-    """`loss` = lm_weight * lm_loss + focal_weight * focal_loss + supcon_weight * supcon_loss (terms present)."""
+    """`loss` = lm_weight * lm_loss + focal_weight * focal_loss + supcon_weight * supcon_loss (terms present).
+
+    No KV-cache field: decoding runs through the LLM's own `generate` (see `generate`), and transformers
+    renamed that field (`past_key_values` -> `cache`) within 5.x, so carrying it would pin a minor version.
+    """
 
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
@@ -46,7 +50,6 @@ class EmoQOutput(ModelOutput):
     logits: torch.Tensor | None = None
     emotion_logits: torch.Tensor | None = None
     contrastive_features: torch.Tensor | None = None
-    past_key_values: object | None = None
 
 
 @dataclass
@@ -318,12 +321,12 @@ class EmoQForConditionalGeneration(EmoQPreTrainedModel, GenerationMixin):
         encoder_frames: torch.Tensor | None = None,
         encoder_frame_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values=None,
         inputs_embeds: torch.Tensor | None = None,
-        use_cache: bool | None = None,
         **kwargs,
     ) -> EmoQOutput:
-        """Stage 1 (no `input_ids`): speech path + heads + MAL. Stage 2: the same plus the LLM and its loss."""
+        """Stage 1 (no `input_ids`): speech path + heads + MAL. Stage 2: the same plus the LLM and its loss.
+
+        Other keyword arguments (`use_cache`, the KV cache, ...) go to the LLM unchanged."""
         emotion_logits = features = None
         if input_features is not None or encoder_frames is not None:
             queries, query_mask = self.encode_speech(
@@ -340,8 +343,6 @@ class EmoQForConditionalGeneration(EmoQPreTrainedModel, GenerationMixin):
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
-                use_cache=use_cache,
                 labels=labels,
                 **kwargs,
             )
@@ -363,7 +364,6 @@ class EmoQForConditionalGeneration(EmoQPreTrainedModel, GenerationMixin):
             logits=llm_out.logits if llm_out is not None else None,
             emotion_logits=emotion_logits,
             contrastive_features=features,
-            past_key_values=llm_out.past_key_values if llm_out is not None else None,
         )
 
     @torch.no_grad()
