@@ -10,6 +10,8 @@ def run_chat(args) -> int:
     from .inference import EmotionRecognizer
 
     recognizer = EmotionRecognizer.from_pretrained(args.model, device=args.device)
+    if not recognizer.can_chat:
+        sys.exit(f"emoq chat: {args.model}: {recognizer.no_chat_message()}")
     try:
         clip = recognizer.load(args.audio)
         if args.question:

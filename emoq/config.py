@@ -65,6 +65,12 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     # Random-weight tiny models for tests: when set, encoder/llm refs are ignored and configs are built in code.
     tiny_random: bool = False
+    # Baselines (system: qieemo | patamia; trained by recipes/train_baseline.py from the `stage1:` section).
+    # Qieemo reads `encoder_layers[0]` as its feature layer ([] = the middle block); Patamia reads all of them.
+    text_encoder: str | None = "builtin:all-minilm-l6-v2"  # patamia: BERT-style text encoder; null = audio only
+    fusion_hidden_size: int = 256  # qieemo: MMF + cross-modal attention width; patamia: fusion MLP width
+    fusion_num_heads: int = 4  # qieemo: cross-modal attention heads
+    ppg_dim: int = 128  # qieemo: classes of the phonetic-posteriorgram head
 
 
 @dataclass
@@ -335,6 +341,9 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
     for key in ("num_query_tokens", "qformer_num_layers", "cross_attention_frequency"):
         if getattr(m, key) < 1:
             raise ConfigError(f"{source}: 'model.{key}' must be >= 1")
+    if m.system == "qieemo" and (m.fusion_hidden_size % m.fusion_num_heads or len(m.encoder_layers) > 1):
+        raise ConfigError(f"{source}: qieemo needs 'model.fusion_hidden_size' divisible by 'model.fusion_num_heads' "
+                          "and at most one 'model.encoder_layers' entry (its feature layer)")
     if m.window_seconds is not None and m.window_seconds <= 0:
         raise ConfigError(f"{source}: 'model.window_seconds' must be positive or null")
     if cfg.trainer.batch_size < 1 or cfg.trainer.gradient_accumulation_steps < 1:

@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import platform
+import sys
 from pathlib import Path
 
 log = logging.getLogger("emoq.eval")
@@ -60,7 +61,7 @@ def evaluate_rows(recognizer, rows, mode: str = "score", batch_size: int = 8, la
             except AudioError as err:
                 rec.update(status="error", error=str(err))
         records.append(rec)
-    texts = [rows[i].text for i in ok_idx] if recognizer.model.config.use_transcript else None
+    texts = [rows[i].text for i in ok_idx] if recognizer.use_transcript else None
     if mode == "score":
         for i, res in zip(ok_idx, recognizer.classify_batch(clips, texts, batch_size=batch_size)):
             records[i].update(pred=res["label"], scores=res["scores"])
@@ -181,6 +182,8 @@ def run_eval(args) -> int:
     num_processes = state.num_processes if state is not None else 1
     is_main = state is None or state.is_main_process
     recognizer = EmotionRecognizer.from_pretrained(args.model, device=rank_device(state, args.device))
+    if args.mode == "generate" and not recognizer.can_chat:
+        sys.exit(f"emoq eval: {args.model}: {recognizer.no_chat_message()}")
     labels = recognizer.labels  # the trained order (id2label in the saved config), never re-derived
     if args.label_set is None:
         args.label_set = {"meld": "meld7", "iemocap": "iemocap4"}.get(args.dataset) if not args.manifest else None

@@ -242,6 +242,11 @@ def export_model(model_dir: str | Path, out: str | Path, merge: bool = False, me
     from .processing_emoq import EmoQProcessor
 
     source = weights_folder(model_dir).resolve()
+    model_type = json.loads((source / "config.json").read_text(encoding="utf-8")).get("model_type")
+    if model_type != "emoq":
+        raise SystemExit(f"emoq export: {source} holds a {model_type} model; export writes EmoQ models (LoRA, "
+                         "prompt processor). A baseline's weights folder is already an HF folder: "
+                         "`import emoq.models; AutoModel.from_pretrained(folder)`")
     out = Path(out).resolve()
     if source == out or source.is_relative_to(out):
         raise SystemExit(f"emoq export: --out {out} would overwrite the model being exported ({source})")

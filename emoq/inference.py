@@ -8,8 +8,10 @@ clip's result is the same whatever else is in its batch.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator, Sequence
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ import torch
 from .audio import load_audio, load_audio_bytes, resample
 
 AudioInput = str | Path | bytes | np.ndarray | tuple
+BASELINE_MODEL_TYPES = ("qieemo", "patamia")
 
 
 def weights_folder(path: str | Path) -> Path:
@@ -31,22 +34,40 @@ def weights_folder(path: str | Path) -> Path:
 
 
 class EmotionRecognizer:
+    #: whether `chat` / `chat_batch` can answer in free text (EmoQ: yes; the classifier baselines: no)
+    can_chat = True
+
     def __init__(self, model, processor, device: str | torch.device | None = None, max_seconds: float | None = 30.0):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.processor = processor
         self.labels = list(model.config.id2label.values())
         self.max_seconds = max_seconds
-        self._candidates = processor.label_candidates()
+        self.use_transcript = bool(getattr(model.config, "use_transcript", False))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device=None, dtype: torch.dtype | None = None, **kwargs):
+        """Any trained emoq model folder: EmoQ, or a baseline (Qieemo, Patamia), chosen by its config."""
+        folder = weights_folder(path)
+        model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+        load = {"dtype": dtype} if dtype else {}
+        if model_type in BASELINE_MODEL_TYPES:
+            from transformers import AutoModel
+
+            from . import models  # noqa: F401  (registers the baselines with AutoModel)
+            from .processing_baseline import BaselineProcessor
+
+            model = AutoModel.from_pretrained(folder, **load)
+            return BaselineRecognizer(model, BaselineProcessor.from_pretrained(folder), device=device, **kwargs)
         from .models import EmoQForConditionalGeneration
         from .processing_emoq import EmoQProcessor
 
-        folder = weights_folder(path)
-        model = EmoQForConditionalGeneration.from_pretrained(folder, **({"dtype": dtype} if dtype else {}))
+        model = EmoQForConditionalGeneration.from_pretrained(folder, **load)
         return cls(model, EmoQProcessor.from_pretrained(folder), device=device, **kwargs)
+
+    @cached_property
+    def _candidates(self) -> list[list[int]]:
+        return self.processor.label_candidates()
 
     # ------------------------------------------------------------------ audio in
 
@@ -152,3 +173,33 @@ class EmotionRecognizer:
         except BaseException as err:  # noqa: BLE001 - handed to the consumer thread, which re-raises it
             failure.append(err)
             streamer.end()
+
+
+class BaselineRecognizer(EmotionRecognizer):
+    """A classification baseline (Qieemo, Patamia) behind the same interface: `classify`, batches, eval.
+
+    Scores are the classifier head's log-softmax (the baselines have no LLM to score label words with);
+    chat-style answers need an EmoQ model and raise a clear error.
+    """
+
+    can_chat = False
+
+    def __init__(self, model, processor, device=None, max_seconds: float | None = 30.0):
+        super().__init__(model, processor, device=device, max_seconds=max_seconds)
+        self.use_transcript = getattr(model, "text_encoder", None) is not None
+
+    @torch.no_grad()
+    def score_batch(self, audios: Sequence[np.ndarray], texts: Sequence[str | None] | None = None) -> torch.Tensor:
+        b = self._inputs(self.processor(list(audios), transcripts=texts))
+        return self.model(**b).emotion_logits.float().log_softmax(-1).cpu()
+
+    def chat(self, *args, **kwargs):
+        raise ValueError(self.no_chat_message())
+
+    def chat_batch(self, *args, **kwargs):
+        raise ValueError(self.no_chat_message())
+
+    def no_chat_message(self) -> str:
+        return (f"a {self.model.config.model_type} model is a classifier: chat and free-text answers "
+                "(emoq chat, eval --mode generate, /v1/chat/completions) need an EmoQ model; "
+                "use classification (classify, eval --mode score, /v1/audio/emotion)")

@@ -68,7 +68,7 @@ def predict_rows(recognizer, inputs: list[PredictInput], batch_size: int = 8, ch
     from .audio import AudioError
 
     chunk_size = chunk_size or max(8 * batch_size, 64)
-    use_text = bool(getattr(recognizer.model.config, "use_transcript", True))
+    use_text = recognizer.use_transcript
     for start in range(0, len(inputs), chunk_size):
         part = inputs[start : start + chunk_size]
         records, ok_idx, clips = [], [], []
@@ -108,7 +108,7 @@ def run_predict(args) -> int:
     from .inference import EmotionRecognizer
 
     recognizer = EmotionRecognizer.from_pretrained(args.model, device=args.device)
-    if args.text_file and not recognizer.model.config.use_transcript:
+    if args.text_file and not recognizer.use_transcript:
         print("emoq predict: this model was trained without transcripts; --text-file is ignored", file=sys.stderr)
 
     out = Path(args.out)

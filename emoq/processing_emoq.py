@@ -32,6 +32,49 @@ DEFAULT_SYSTEM_PROMPT = "You are an expert in recognising emotions from speech."
 DEFAULT_QUESTION = "What emotion does the speaker express?"
 
 
+def extract_features(feature_extractor, audio: np.ndarray, whisper: bool) -> np.ndarray:
+    """[C, T] log-mel (Whisper) or [T] waveform (wav2vec2 family) of one clip, never padded or truncated."""
+    out = feature_extractor(
+        np.asarray(audio, dtype=np.float32),
+        sampling_rate=getattr(feature_extractor, "sampling_rate", 16000),
+        return_tensors="np",
+        **({"padding": "longest", "truncation": False} if whisper else {}),
+    )
+    key = "input_features" if "input_features" in out else "input_values"
+    return out[key][0]
+
+
+def pad_features(feats: list[np.ndarray]) -> dict:
+    """Per-clip features right-padded into one batch, with the mask of real steps."""
+    longest = max(f.shape[-1] for f in feats)
+    out = np.zeros((len(feats), *feats[0].shape[:-1], longest), dtype=np.float32)
+    mask = np.zeros((len(feats), longest), dtype=np.int64)
+    for i, f in enumerate(feats):
+        out[i, ..., : f.shape[-1]] = f
+        mask[i, : f.shape[-1]] = 1
+    return {"input_features": torch.from_numpy(out), "feature_attention_mask": torch.from_numpy(mask)}
+
+
+def pad_ids(seqs, pad: int, side: str, ids_key: str, mask_key: str | None) -> dict:
+    """Token id lists padded on `side` into [B, T] (at least one column), with their attention mask."""
+    longest = max(1, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), longest), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        span = slice(longest - len(s), longest) if side == "left" else slice(0, len(s))
+        ids[i, span] = torch.tensor(s, dtype=torch.long)
+        mask[i, span] = 1
+    return {ids_key: ids, **({mask_key: mask} if mask_key else {})}
+
+
+def frame_spec_of(audio_config) -> tuple[dict, float]:
+    """(frame_spec, encoder frames per second) of the encoder described by `audio_config`."""
+    if audio_config.model_type == "whisper":
+        return {"kind": "whisper"}, 50.0
+    spec = {"kind": "conv", "kernels": list(audio_config.conv_kernel), "strides": list(audio_config.conv_stride)}
+    return spec, 16000.0 / math.prod(audio_config.conv_stride)
+
+
 class EmoQProcessor:
     """Turns (audio, transcript, question[, answer]) into model inputs.
 
@@ -80,15 +123,7 @@ class EmoQProcessor:
         return self.frame_spec.get("kind") == "whisper"
 
     def extract_features(self, audio: np.ndarray) -> np.ndarray:
-        """[C, T] log-mel (Whisper) or [T] waveform (wav2vec2 family), never padded or truncated."""
-        out = self.feature_extractor(
-            np.asarray(audio, dtype=np.float32),
-            sampling_rate=self.sampling_rate,
-            return_tensors="np",
-            **({"padding": "longest", "truncation": False} if self._is_whisper() else {}),
-        )
-        key = "input_features" if "input_features" in out else "input_values"
-        return out[key][0]
+        return extract_features(self.feature_extractor, audio, whisper=self._is_whisper())
 
     def encoder_frames(self, feature_length: int) -> int:
         """Encoder output frames for a clip whose features have `feature_length` steps."""
@@ -195,24 +230,10 @@ class EmoQProcessor:
         return self._pad_ids(ids, "right", "transcript_ids", "transcript_attention_mask")
 
     def _pad_features(self, feats: list[np.ndarray]) -> dict:
-        longest = max(f.shape[-1] for f in feats)
-        out = np.zeros((len(feats), *feats[0].shape[:-1], longest), dtype=np.float32)
-        mask = np.zeros((len(feats), longest), dtype=np.int64)
-        for i, f in enumerate(feats):
-            out[i, ..., : f.shape[-1]] = f
-            mask[i, : f.shape[-1]] = 1
-        return {"input_features": torch.from_numpy(out), "feature_attention_mask": torch.from_numpy(mask)}
+        return pad_features(feats)
 
     def _pad_ids(self, seqs, side, ids_key, mask_key, pad_value=None) -> dict:
-        pad = self.tokenizer.pad_token_id if pad_value is None else pad_value
-        longest = max(1, max(len(s) for s in seqs))
-        ids = torch.full((len(seqs), longest), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), longest), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            span = slice(longest - len(s), longest) if side == "left" else slice(0, len(s))
-            ids[i, span] = torch.tensor(s, dtype=torch.long)
-            mask[i, span] = 1
-        return {ids_key: ids, **({mask_key: mask} if mask_key else {})}
+        return pad_ids(seqs, self.tokenizer.pad_token_id if pad_value is None else pad_value, side, ids_key, mask_key)
 
     def decode(self, token_ids, **kwargs) -> list[str]:
         return self.tokenizer.batch_decode(token_ids, skip_special_tokens=True, **kwargs)
@@ -249,9 +270,5 @@ class EmoQProcessor:
     @classmethod
     def for_encoder(cls, feature_extractor, tokenizer, labels, audio_config, **kwargs) -> EmoQProcessor:
         """Processor whose frame arithmetic matches the encoder described by `audio_config`."""
-        if audio_config.model_type == "whisper":
-            spec, fps = {"kind": "whisper"}, 50.0
-        else:
-            spec = {"kind": "conv", "kernels": list(audio_config.conv_kernel), "strides": list(audio_config.conv_stride)}
-            fps = 16000.0 / math.prod(audio_config.conv_stride)
+        spec, fps = frame_spec_of(audio_config)
         return cls(feature_extractor, tokenizer, labels, frame_spec=spec, frames_per_second=fps, **kwargs)

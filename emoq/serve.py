@@ -352,7 +352,7 @@ def create_app(recognizer, model_name: str, max_upload_bytes: int = DEFAULT_MAX_
     app.add_middleware(BodyLimit, max_bytes=max_upload_bytes)
     worker = ModelWorker()
     started = int(time.time())
-    use_transcript = bool(getattr(recognizer.model.config, "use_transcript", True))
+    use_transcript = recognizer.use_transcript
 
     async def api_error(request, exc: ApiError):
         return JSONResponse(error_body(exc.message, exc.code), status_code=exc.status)
@@ -393,6 +393,8 @@ def create_app(recognizer, model_name: str, max_upload_bytes: int = DEFAULT_MAX_
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
         check_model(body.model)
+        if not recognizer.can_chat:  # a classification baseline: only /v1/audio/emotion applies
+            raise ApiError(400, recognizer.no_chat_message(), "model_cannot_chat")
         max_tokens = max_new_tokens(body)
         audio, question = conversation_input(body.messages)
         clip = await load(audio.data, audio.format, "input_audio")

@@ -12,43 +12,24 @@ setup -> train -> cleanup; copy it out with `emoq cp stage1_qformer .` and edit 
 
 from __future__ import annotations
 
-import argparse
 import logging
-from dataclasses import dataclass
-from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from emoq.config import RunConfig, load_config, save_config
+from emoq.config import RunConfig
 from emoq.data.collate import EmoQCollator, UtteranceDataset
-from emoq.training.evaluation import evaluate_loader
-from emoq.training.loop import FitResult, fit, total_training_steps
+from emoq.training.loop import FitResult
+from emoq.training.recipe import fit_stage, prepare_training, recipe_main, summary
 from emoq.training.setup import (
     build_accelerator,
     build_model_and_processor,
-    build_optimizer,
-    eval_loader,
     print_parameter_table,
     scanned_split,
     seed_everything,
-    train_loader,
 )
 
 log = logging.getLogger("emoq.stage1")
-
-
-@dataclass
-class Context:
-    cfg: RunConfig
-    accelerator: object
-    model: object
-    processor: object
-    optimizer: object
-    scheduler: object
-    train_loader: object
-    sampler: object
-    dev_loader: object
-    labels: list
 
 
 def cache_encoder_frames(model, processor, scan, cfg) -> dict[str, torch.Tensor]:
@@ -66,7 +47,7 @@ def cache_encoder_frames(model, processor, scan, cfg) -> dict[str, torch.Tensor]
     return cache
 
 
-def setup(cfg: RunConfig) -> Context:
+def setup(cfg: RunConfig) -> SimpleNamespace:
     seed_everything(cfg.seed)
     out = cfg.stage1.output_dir
     accelerator = build_accelerator(cfg, out)
@@ -83,52 +64,24 @@ def setup(cfg: RunConfig) -> Context:
             model.speech_encoder.layer_weights.requires_grad_(True)
     if accelerator.is_main_process:
         print_parameter_table(model)
-    labels = list(model.config.id2label.values())
     train_scan = scanned_split(cfg, "train", accelerator)
-    dev_scan = scanned_split(cfg, "dev", accelerator)
     cache = cache_encoder_frames(model, processor, train_scan, cfg) if cfg.stage1.cache_encoder_features else None
-    loader, sampler = train_loader(cfg, train_scan, processor, model.config.label2id, stage=1, frame_cache=cache)
-    steps, _ = total_training_steps(len(loader), cfg.trainer.gradient_accumulation_steps, cfg.stage1.epochs,
-                                    cfg.trainer.max_steps)
-    optimizer, scheduler = build_optimizer(model, cfg.stage1, cfg.trainer.weight_decay, steps, cfg.trainer.warmup_ratio)
-    dev = eval_loader(cfg, dev_scan, processor, model.config.label2id, stage=1)
-    model, optimizer, loader, scheduler, dev = accelerator.prepare(model, optimizer, loader, scheduler, dev)
-    accelerator.init_trackers("stage1")
-    if accelerator.is_main_process:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        save_config(cfg, Path(out) / "run_config.yaml")
-    return Context(cfg, accelerator, model, processor, optimizer, scheduler, loader, sampler, dev, labels)
+    return prepare_training(cfg, cfg.stage1, accelerator, model, processor, prompt=False, tracker="stage1",
+                            frame_cache=cache, train_scan=train_scan)
 
 
-def train(ctx: Context, stop_after: int | None = None) -> FitResult:
-    cfg = ctx.cfg
-    return fit(
-        ctx.accelerator, ctx.model, ctx.processor, ctx.optimizer, ctx.scheduler, ctx.train_loader, ctx.sampler,
-        output_dir=cfg.stage1.output_dir, epochs=cfg.stage1.epochs, max_steps=cfg.trainer.max_steps,
-        evaluate=lambda m: evaluate_loader(ctx.accelerator, m, ctx.processor, ctx.dev_loader, ctx.labels, "head"),
-        eval_every=cfg.trainer.eval_every, save_every=cfg.trainer.save_every, log_every=cfg.trainer.log_every,
-        keep_checkpoints=cfg.trainer.keep_checkpoints, max_grad_norm=cfg.trainer.max_grad_norm,
-        resume=cfg.trainer.resume, run_config=cfg, stop_after=stop_after,
-    )
+def train(ctx: SimpleNamespace, stop_after: int | None = None) -> FitResult:
+    return fit_stage(ctx, "head", stop_after)  # dev: the EmoQ-Former's classifier head
 
 
-def cleanup(ctx: Context, result: FitResult) -> None:
+def cleanup(ctx: SimpleNamespace, result: FitResult) -> None:
     ctx.accelerator.end_training()
     if ctx.accelerator.is_main_process:
-        print(f"stage 1 done: {result.step} steps, {result.skipped_steps} skipped; best dev weighted F1 "
-              f"{result.best_metric} at step {result.best_step}; model: {ctx.cfg.stage1.output_dir}/final/weights")
+        print(summary("stage 1", ctx, result))
 
 
 def main(argv=None) -> FitResult:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    ctx = setup(load_config(args.config, args.overrides))
-    result = train(ctx)
-    cleanup(ctx, result)
-    return result
+    return recipe_main(__doc__, setup, train, cleanup, argv)
 
 
 if __name__ == "__main__":

@@ -139,9 +139,57 @@ def build_tiny(
     )
     torch.manual_seed(seed)
     model = EmoQForConditionalGeneration(config)
-    # HF's N(0, 0.02) init makes a random 32-wide encoder all but ignore its input; PyTorch's default
-    # (fan-in scaled) init keeps the input's differences, so tiny tests can learn from what they hear
-    for module in model.speech_encoder.encoder.modules():
+    fan_in_init(model.speech_encoder.encoder)
+    return model, processor
+
+
+def fan_in_init(encoder) -> None:
+    """HF's N(0, 0.02) init makes a random 32-wide encoder all but ignore its input; PyTorch's default
+    (fan-in scaled) init keeps the input's differences, so tiny tests can learn from what they hear."""
+    import torch
+
+    for module in encoder.modules():
         if isinstance(module, torch.nn.Conv1d | torch.nn.Linear):
             module.reset_parameters()
+
+
+def tiny_bert_config(vocab_size: int):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=64, max_position_embeddings=256)
+
+
+def build_tiny_baseline(system: str, labels: list[str], seed: int = 0, with_text: bool = True):
+    """(Qieemo | Patamia model, BaselineProcessor) with random tiny weights, built offline in seconds.
+
+    Qieemo: tiny Whisper encoder (audio only). Patamia: tiny HuBERT (wav2vec2 family) + tiny BERT over
+    the offline BPE tokenizer (`with_text=False`: audio only)."""
+    import torch
+    from transformers import Wav2Vec2FeatureExtractor
+
+    from ..processing_baseline import BaselineProcessor
+    from .patamia import PatamiaConfig, PatamiaForEmotionClassification
+    from .qieemo import QieemoConfig, QieemoForEmotionClassification
+
+    id2label = dict(enumerate(labels))
+    label2id = {label: i for i, label in enumerate(labels)}
+    torch.manual_seed(seed)
+    if system == "qieemo":
+        audio_config = tiny_whisper_config()
+        config = QieemoConfig(audio_config=audio_config, id2label=id2label, label2id=label2id, ppg_dim=16,
+                              hidden_size=32, num_attention_heads=4, contrastive_dim=16)
+        model = QieemoForEmotionClassification(config)
+        processor = BaselineProcessor.for_encoder(whisper_feature_extractor(), labels, audio_config)
+    elif system == "patamia":
+        audio_config = tiny_hubert_config()
+        tok = tiny_tokenizer() if with_text else None
+        config = PatamiaConfig(audio_config=audio_config, text_config=tiny_bert_config(len(tok)) if tok else None,
+                               id2label=id2label, label2id=label2id, fusion_hidden_size=32, contrastive_dim=16)
+        model = PatamiaForEmotionClassification(config)
+        fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, do_normalize=True, return_attention_mask=True)
+        processor = BaselineProcessor.for_encoder(fe, labels, audio_config, tokenizer=tok)
+    else:
+        raise ValueError(f"unknown baseline system {system!r}; choose qieemo or patamia")
+    fan_in_init(model.speech_encoder.encoder)
     return model, processor

@@ -37,7 +37,8 @@ def save_checkpoint(accelerator, model, processor, path: Path, trainer_state: di
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         weights = tmp / "weights"
-        if unwrapped.config.lora:  # first: transformers' save_pretrained empties the state dict it is given
+        # EmoQ with LoRA (the baselines have none); first: transformers' save_pretrained empties the state dict it is given
+        if getattr(unwrapped.config, "lora", None):
             unwrapped.save_adapter(weights / "adapter", state_dict=state_dict)
         unwrapped.save_pretrained(weights, state_dict=dict(state_dict), safe_serialization=True)
         processor.save_pretrained(weights)

@@ -25,6 +25,7 @@ log = logging.getLogger("emoq.training")
 MODEL_INPUTS = (
     "input_features", "feature_attention_mask", "input_ids", "attention_mask", "labels", "emotion_labels",
     "transcript_ids", "transcript_attention_mask", "encoder_frames", "encoder_frame_mask",
+    "text_input_ids", "text_attention_mask",  # the Patamia baseline's text-encoder ids
 )
 
 

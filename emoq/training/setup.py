@@ -99,14 +99,63 @@ def build_model_and_processor(cfg: RunConfig, init_from: str | None = None):
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_transcript = cfg.data.use_transcript and m.use_transcript
+    model.loss_weights = loss_weights(cfg)
+    return model, processor
+
+
+def loss_weights(cfg: RunConfig):
+    """The MAL weights of the `loss:` section, as every system's `model.loss_weights`."""
     from ..models import LossWeights
 
     loss = cfg.loss
-    model.loss_weights = LossWeights(
+    return LossWeights(
         focal=loss.focal_weight, supcon=loss.supcon_weight, lm=loss.lm_weight,
         gamma=loss.focal_gamma, alpha=loss.focal_alpha, temperature=loss.temperature,
     )
+
+
+def build_baseline(cfg: RunConfig):
+    """(Qieemo | Patamia model, BaselineProcessor) for `model.system`, trained with the same MAL weights."""
+    labels = list(get_label_set(cfg.data.label_set).labels)
+    m = cfg.model
+    with_text = cfg.data.use_transcript and m.text_encoder is not None
+    if m.system not in ("qieemo", "patamia"):
+        raise ValueError(f"model.system={m.system!r} is not a baseline (qieemo | patamia); EmoQ trains with "
+                         "recipes stage1_qformer and stage2_llm")
+    if m.tiny_random:
+        from ..models.tiny import build_tiny_baseline
+
+        model, processor = build_tiny_baseline(m.system, labels, seed=cfg.seed, with_text=with_text)
+    else:
+        model, processor = _baseline_from_pretrained_parts(cfg, labels, with_text)
+    model.loss_weights = loss_weights(cfg)
     return model, processor
+
+
+def _baseline_from_pretrained_parts(cfg: RunConfig, labels: list[str], with_text: bool):
+    from transformers import AutoConfig, AutoFeatureExtractor, AutoTokenizer
+
+    from ..hub import resolve_model
+    from ..models import PatamiaForEmotionClassification, QieemoForEmotionClassification
+    from ..processing_baseline import BaselineProcessor
+
+    m = cfg.model
+    encoder = resolve_model(m.encoder)
+    audio_config, fe = AutoConfig.from_pretrained(encoder), AutoFeatureExtractor.from_pretrained(encoder)
+    common = {"id2label": dict(enumerate(labels)), "contrastive_dim": m.contrastive_dim,
+              "freeze_encoder": m.freeze_encoder}
+    if m.system == "qieemo":
+        model = QieemoForEmotionClassification.from_components(
+            encoder, feature_layer=m.encoder_layers[0] if m.encoder_layers else None, ppg_dim=m.ppg_dim,
+            hidden_size=m.fusion_hidden_size, num_attention_heads=m.fusion_num_heads, **common,
+        )
+        return model, BaselineProcessor.for_encoder(fe, labels, audio_config)
+    text = resolve_model(m.text_encoder) if with_text else None
+    model = PatamiaForEmotionClassification.from_components(
+        encoder, text, audio_layers=m.encoder_layers, fusion_hidden_size=m.fusion_hidden_size, **common,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(text) if text else None
+    return model, BaselineProcessor.for_encoder(fe, labels, audio_config, tokenizer=tokenizer)
 
 
 def _lora_dict(cfg: RunConfig) -> dict | None:
