@@ -49,6 +49,31 @@ def test_batch_of_n_equals_batch_of_one(tiny, clips, encoder, window):
         assert gen1[0].tolist() == gen[i].tolist()
 
 
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_label_scores_are_the_log_likelihood_of_each_full_answer(tiny, clips, padding_side):
+    """score_labels (prompts once, answers read the cached prompt) against the definition: the sum of
+    log p(answer token | everything before) from one plain LLM pass over prompt + answer, per clip and label."""
+    model, processor = tiny(lora={"r": 4})
+    with torch.no_grad():
+        for name, p in model.language_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # LoRA active, so the reference must go through it too
+        scores = _score(model, processor, _batch(processor, clips, padding_side=padding_side))
+        table = model.get_input_embeddings()
+        for i in range(len(clips)):
+            one = _one(processor, clips, i)
+            embeds, _, _ = model.get_inputs_embeds(
+                one["input_ids"], one["input_features"], one["feature_attention_mask"],
+                one.get("transcript_ids"), one.get("transcript_attention_mask"),
+            )
+            prompt = embeds.shape[1]
+            for label, cand in enumerate(processor.label_candidates()):
+                full = torch.cat([embeds[0], table(torch.tensor(cand))], 0)[None]
+                logp = model.language_model(inputs_embeds=full).logits[0].float().log_softmax(-1)
+                reference = sum(float(logp[prompt - 1 + j, t]) for j, t in enumerate(cand))
+                assert abs(float(scores[i, label]) - reference) < 1e-4, (i, label, float(scores[i, label]), reference)
+
+
 def test_window_queries_scale_with_duration(tiny, clips):
     model, processor = tiny(window_seconds=0.5)
     batch = _batch(processor, clips)

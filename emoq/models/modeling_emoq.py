@@ -17,6 +17,7 @@ LoRA is injected into the LLM at construction from `config.lora`, so a saved mod
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,13 @@ class EmoQOutput(ModelOutput):
     logits: torch.Tensor | None = None
     emotion_logits: torch.Tensor | None = None
     contrastive_features: torch.Tensor | None = None
+
+
+def _cache_kwarg(decoder: nn.Module) -> str:
+    """Name under which the decoder's forward takes a KV cache: `cache` (transformers >= 5.24) or
+    `past_key_values` (earlier 5.x)."""
+    params = inspect.signature(decoder.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 @dataclass
@@ -380,36 +388,49 @@ class EmoQForConditionalGeneration(EmoQPreTrainedModel, GenerationMixin):
     ) -> torch.Tensor:
         """Log-likelihood [B, L] of each candidate answer (token ids of label + end of turn) after each prompt.
 
-        One batched LLM pass over B x L sequences; the speech path runs once per clip. Only the hidden
-        states at candidate positions go through the LM head, so memory does not scale with the vocabulary
-        times the prompt length. `normalize="mean"` divides by the candidate's token count.
+        Two LLM passes: the B prompts once, keeping their KV cache; then the B x L candidate answers (a few
+        tokens each) reading that cache, repeated per label. The prompt — soft prompts, system text,
+        question — is not recomputed per label, so scoring costs about one prompt pass plus L short
+        ones. Positions come from the attention mask, so padding (either side) changes nothing: a row
+        scores the same alone or in a batch. Only hidden states at answer positions go through the LM
+        head. `normalize="mean"` divides by the candidate's token count.
         """
+        from transformers import DynamicCache
+
         embeds, _, _ = self.get_inputs_embeds(
             input_ids, input_features, feature_attention_mask, transcript_ids, transcript_attention_mask
         )
-        device = embeds.device
-        table = self.get_input_embeddings()
-        cands = [torch.tensor(c, device=device) for c in candidate_ids]
-        cand_embeds = [table(c) for c in cands]
-        rows, targets, starts = [], [], []
-        for b in range(embeds.shape[0]):
-            prompt = embeds[b][attention_mask[b].bool()]
-            for c, ce in zip(cands, cand_embeds):
-                rows.append(torch.cat([prompt, ce.to(prompt.dtype)], 0))
-                targets.append(c)
-                starts.append(prompt.shape[0])
-        lengths = torch.tensor([r.shape[0] for r in rows], device=device)
-        batch = nn.utils.rnn.pad_sequence(rows, batch_first=True)  # right padding: positions as at bs=1
-        mask = (torch.arange(batch.shape[1], device=device)[None] < lengths[:, None]).long()
-        hidden = self.language_model.base_model(inputs_embeds=batch, attention_mask=mask).last_hidden_state
-        row_idx = torch.cat([torch.full((len(t),), i, device=device) for i, t in enumerate(targets)])
-        pos_idx = torch.cat([torch.arange(len(t), device=device) + s - 1 for t, s in zip(targets, starts)])
-        logits = self.get_output_embeddings()(hidden[row_idx, pos_idx]).float()
-        token_logp = logits.log_softmax(-1).gather(-1, torch.cat(targets)[:, None]).squeeze(-1)
-        scores = torch.zeros(len(rows), device=device).index_add_(0, row_idx, token_logp)
+        device, (batch, num_labels) = embeds.device, (embeds.shape[0], len(candidate_ids))
+        decoder, table = self.language_model.base_model, self.get_input_embeddings()
+        mask = attention_mask.long()
+        prompt_len = mask.sum(-1)
+        cache = DynamicCache(config=self.language_model.config)
+        cache_arg = {_cache_kwarg(decoder): cache}
+        hidden = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                         use_cache=True, **cache_arg).last_hidden_state
+        last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # each row's last real prompt token
+        prompt_last = hidden[torch.arange(batch, device=device), last]  # [B, D]: predicts each answer's 1st token
+
+        lengths = torch.tensor([len(c) for c in candidate_ids], device=device)
+        cands = nn.utils.rnn.pad_sequence([torch.tensor(c, device=device) for c in candidate_ids], batch_first=True)
+        cand_mask = (torch.arange(cands.shape[1], device=device)[None] < lengths[:, None]).long()  # [L, C]
+        cache.batch_repeat_interleave(num_labels)  # row b*L + l: prompt b, then candidate l
+        rows = batch * num_labels
+        cand_embeds = table(cands).to(embeds.dtype).repeat(batch, 1, 1)  # [B*L, C, D]
+        full_mask = torch.cat([mask.repeat_interleave(num_labels, 0), cand_mask.repeat(batch, 1)], dim=1)
+        positions = prompt_len.repeat_interleave(num_labels)[:, None] + torch.arange(cands.shape[1], device=device)
+        cand_hidden = decoder(inputs_embeds=cand_embeds, attention_mask=full_mask, position_ids=positions,
+                              use_cache=True, **cache_arg).last_hidden_state  # [B*L, C, D]
+        # the hidden state before answer token j: the prompt's last for j = 0, answer token j-1 after that
+        before = torch.cat([prompt_last.repeat_interleave(num_labels, 0)[:, None], cand_hidden[:, :-1]], dim=1)
+        valid = cand_mask.repeat(batch, 1).bool()
+        logits = self.get_output_embeddings()(before[valid]).float()
+        token_logp = logits.log_softmax(-1).gather(-1, cands.repeat(batch, 1)[valid][:, None]).squeeze(-1)
+        row_idx = torch.arange(rows, device=device)[:, None].expand_as(valid)[valid]
+        scores = torch.zeros(rows, device=device).index_add_(0, row_idx, token_logp)
         if normalize == "mean":
-            scores = scores / torch.tensor([len(t) for t in targets], device=device)
-        return scores.view(embeds.shape[0], len(candidate_ids))
+            scores = scores / lengths.repeat(batch).float()
+        return scores.view(batch, num_labels)
 
     @torch.no_grad()
     def generate(
