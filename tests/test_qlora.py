@@ -1,0 +1,63 @@
+"""QLoRA through `EmoQForConditionalGeneration.from_components(..., quantization="4bit")`: the real loading
+path (bitsandbytes nf4 from a saved folder), one training step, label scoring. On CPU (bitsandbytes'
+CPU backend) in CI; the same checks in bf16 on CUDA when a GPU is present (marked `gpu`)."""
+
+import pytest
+import torch
+from conftest import LABELS
+from transformers import LlamaForCausalLM, WhisperModel
+
+from emoq.models import EmoQForConditionalGeneration
+from emoq.models.tiny import tiny_llama_config, tiny_qformer_config, tiny_tokenizer, tiny_whisper_config
+
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(scope="module")
+def saved_parts(tmp_path_factory):
+    """A tiny random Whisper and Llama saved as HF folders: what `from_components` loads from a hub id."""
+    root = tmp_path_factory.mktemp("parts")
+    torch.manual_seed(0)
+    WhisperModel(tiny_whisper_config()).save_pretrained(root / "encoder")
+    LlamaForCausalLM(tiny_llama_config(len(tiny_tokenizer()) + 1)).save_pretrained(root / "llm")
+    return root
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_qlora_4bit_loads_trains_lora_and_scores(saved_parts, clips, device):
+    import bitsandbytes as bnb
+
+    from emoq.models.tiny import whisper_feature_extractor
+    from emoq.processing_emoq import EmoQProcessor
+
+    processor = EmoQProcessor.for_encoder(whisper_feature_extractor(), tiny_tokenizer(), LABELS, tiny_whisper_config(),
+                                          num_query_tokens=4)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = EmoQForConditionalGeneration.from_components(
+        str(saved_parts / "encoder"), str(saved_parts / "llm"), id2label=dict(enumerate(LABELS)),
+        audio_token_id=processor.audio_token_id, qformer=tiny_qformer_config(), num_query_tokens=4,
+        lora={"r": 4, "alpha": 8}, quantization="4bit", dtype=dtype,
+    ).to(device)
+    quantized = [m for m in model.language_model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantized, "the LLM's linear layers should be 4-bit"
+    assert model.qformer.query_tokens.dtype == torch.float32  # design trap 6: the Q-Former stays fp32
+    lora_b = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    base = {n: p.detach().clone() for n, p in model.language_model.named_parameters() if not p.requires_grad}
+    assert lora_b and all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+    model.train()
+    batch = {k: v.to(device) for k, v in processor(clips, answers=["joy", "neutral", "anger"]).items()}
+    batch["emotion_labels"] = torch.tensor([1, 0, 2], device=device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        out = model(**batch)
+    assert torch.isfinite(out.loss) and out.lm_loss is not None
+    out.loss.backward()
+    optimizer.step()
+    params = dict(model.named_parameters())
+    assert all(not torch.equal(params[n], v) for n, v in lora_b.items())  # every LoRA-B moved
+    assert all(torch.equal(p, base[n]) for n, p in model.language_model.named_parameters() if n in base)
+    model.eval()
+    prompts = {k: v.to(device) for k, v in processor(clips).items()}
+    scores = model.score_labels(prompts["input_ids"], prompts["attention_mask"], prompts["input_features"],
+                                processor.label_candidates(), prompts["feature_attention_mask"])
+    assert scores.shape == (3, len(LABELS)) and torch.isfinite(scores).all()
