@@ -139,6 +139,17 @@ def test_save_and_load_round_trip_gives_identical_outputs(tiny, clips, tmp_path)
     weights = load_file(tmp_path / "m" / "adapter" / "adapter_model.safetensors")
     lora_b = [v for k, v in weights.items() if "lora_B" in k]
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b)
+    # ... and peft itself loads it onto the plain base LLM: same logits as the LLM inside EmoQ
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM(model.config.text_config)
+    plain = {k.replace(".base_layer", ""): v for k, v in model.language_model.state_dict().items() if "lora_" not in k}
+    base.load_state_dict(plain)
+    peft_llm = PeftModel.from_pretrained(base, tmp_path / "m" / "adapter").eval()
+    ids = batch["input_ids"].clamp(max=base.config.vocab_size - 1)
+    with torch.no_grad():
+        torch.testing.assert_close(peft_llm(input_ids=ids).logits, model.language_model(input_ids=ids).logits)
 
 
 def test_one_step_with_gradient_checkpointing_trains_the_right_parts(tiny, clips):

@@ -242,7 +242,9 @@ class EmoQForConditionalGeneration(EmoQPreTrainedModel, GenerationMixin):
         if not state:  # an empty adapter file would load silently as "no LoRA" (DESIGN trap 3)
             raise RuntimeError(f"{path}: no LoRA weights found in the state dict to save; "
                                "was it gathered (ZeRO-3) and left unmodified?")
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, path / "adapter_model.safetensors")
+        # PeftModel.save_pretrained writes the keys as seen from the PeftModel wrapper: base_model.model.<llm key>
+        save_file({f"base_model.model.{k}": v.detach().contiguous().cpu() for k, v in state.items()},
+                  path / "adapter_model.safetensors")
 
     # ------------------------------------------------------------------ the speech path
 
