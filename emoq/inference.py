@@ -59,10 +59,13 @@ class EmotionRecognizer:
 
             model = AutoModel.from_pretrained(folder, **load)
             return BaselineRecognizer(model, BaselineProcessor.from_pretrained(folder), device=device, **kwargs)
-        from .models import EmoQForConditionalGeneration
+        from .models import EmoQConfig, EmoQForConditionalGeneration
         from .processing_emoq import EmoQProcessor
 
-        model = EmoQForConditionalGeneration.from_pretrained(folder, **load)
+        if getattr(EmoQConfig.from_pretrained(folder).text_config, "quantization_config", None):  # QLoRA-trained
+            model = EmoQForConditionalGeneration.from_quantized(folder, dtype=dtype)
+        else:
+            model = EmoQForConditionalGeneration.from_pretrained(folder, **load)
         return cls(model, EmoQProcessor.from_pretrained(folder), device=device, **kwargs)
 
     @cached_property

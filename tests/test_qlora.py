@@ -2,6 +2,7 @@
 path (bitsandbytes nf4 from a saved folder), one training step, label scoring. On CPU (bitsandbytes'
 CPU backend) in CI; the same checks in bf16 on CUDA when a GPU is present (marked `gpu`)."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import LABELS
@@ -16,10 +17,14 @@ DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=
 @pytest.fixture(scope="module")
 def saved_parts(tmp_path_factory):
     """A tiny random Whisper and Llama saved as HF folders: what `from_components` loads from a hub id."""
+    from emoq.models.tiny import whisper_feature_extractor
+
     root = tmp_path_factory.mktemp("parts")
     torch.manual_seed(0)
     WhisperModel(tiny_whisper_config()).save_pretrained(root / "encoder")
+    whisper_feature_extractor().save_pretrained(root / "encoder")
     LlamaForCausalLM(tiny_llama_config(len(tiny_tokenizer()) + 1)).save_pretrained(root / "llm")
+    tiny_tokenizer().save_pretrained(root / "llm")
     return root
 
 
@@ -61,3 +66,45 @@ def test_qlora_4bit_loads_trains_lora_and_scores(saved_parts, clips, device):
     scores = model.score_labels(prompts["input_ids"], prompts["attention_mask"], prompts["input_features"],
                                 processor.label_candidates(), prompts["feature_attention_mask"])
     assert scores.shape == (3, len(LABELS)) and torch.isfinite(scores).all()
+
+
+def test_qlora_config_trains_stage2_on_a_4bit_llm_from_the_stage1_model(saved_parts, tmp_path):
+    """`model.quantization: 4bit` reaches stage 2, where the LLM trains: the stage-1 EmoQ-Former around the
+    LLM reloaded in 4-bit, LoRA trained and saved non-empty (what the *_qlora.yaml configs rely on)."""
+    import bitsandbytes as bnb
+    from safetensors.torch import load_file
+    from test_recipes import make_tone_corpus
+
+    from emoq.cli import RECIPES_DIR, load_recipe
+    from emoq.config import load_config
+
+    corpus = make_tone_corpus(tmp_path / "corpus", {"train": 4, "dev": 2})
+    cfg = load_config(RECIPES_DIR.parent / "configs/emoq/tiny_test.yaml", [
+        f"data.root={corpus}", f"trainer.output_dir={tmp_path / 'run'}", "model.tiny_random=false",
+        f"model.encoder={saved_parts / 'encoder'}", f"model.llm={saved_parts / 'llm'}", "model.quantization=4bit",
+        "trainer.max_steps=3"])
+    for name in ("stage1_qformer", "stage2_llm"):
+        recipe = load_recipe(name)
+        ctx = recipe.setup(cfg)
+        if name == "stage2_llm":
+            model = ctx.accelerator.unwrap_model(ctx.model)
+            assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.language_model.modules())
+            stage1 = load_file(tmp_path / "run/stage1/final/weights/model.safetensors")
+            torch.testing.assert_close(model.qformer.query_tokens.detach(), stage1["qformer.query_tokens"])
+        result = recipe.train(ctx)
+        recipe.cleanup(ctx, result)
+        assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    adapter = load_file(tmp_path / "run/stage2/final/weights/adapter/adapter_model.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+    # the trained QLoRA model reloads for inference exactly as it was at the end of training
+    from emoq.inference import EmotionRecognizer
+
+    rec = EmotionRecognizer.from_pretrained(tmp_path / "run/stage2/final", device="cpu")
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in rec.model.language_model.modules())
+    clips = [np.sin(np.arange(16000) / 16000 * 2 * np.pi * hz).astype(np.float32) * 0.3 for hz in (150, 900)]
+    trained = ctx.accelerator.unwrap_model(ctx.model).eval()
+    batch = rec.processor(clips)
+    with torch.no_grad():
+        expected = trained.score_labels(batch["input_ids"], batch["attention_mask"], batch["input_features"],
+                                        rec.processor.label_candidates(), batch["feature_attention_mask"])
+    torch.testing.assert_close(rec.score_batch(clips), expected.float(), atol=1e-5, rtol=1e-5)

@@ -53,6 +53,32 @@ class EmoQOutput(ModelOutput):
     contrastive_features: torch.Tensor | None = None
 
 
+def load_language_model(llm: str, quantization: str = "none", dtype: torch.dtype | None = None):
+    """The causal LLM from a hub id or folder; "4bit" (nf4, double quantisation) / "8bit" load it through
+    bitsandbytes and prepare it for k-bit training (QLoRA)."""
+    llm_kwargs: dict = {"dtype": dtype} if dtype is not None else {}
+    if quantization != "none":
+        from transformers import BitsAndBytesConfig
+
+        llm_kwargs["quantization_config"] = (
+            BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype or torch.bfloat16,
+            )
+            if quantization == "4bit"
+            else BitsAndBytesConfig(load_in_8bit=True)
+        )
+        llm_kwargs["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
+    language_model = AutoModelForCausalLM.from_pretrained(llm, **llm_kwargs)
+    if quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        language_model = prepare_model_for_kbit_training(language_model, use_gradient_checkpointing=False)
+    return language_model
+
+
 def _cache_kwarg(decoder: nn.Module) -> str:
     """Name under which the decoder's forward takes a KV cache: `cache` (transformers >= 5.24) or
     `past_key_values` (earlier 5.x)."""
@@ -172,29 +198,62 @@ class EmoQForConditionalGeneration(EmoQPreTrainedModel, GenerationMixin):
             lora=lora,
             **config_kwargs,
         )
-        llm_kwargs: dict = {"dtype": dtype} if dtype is not None else {}
-        if quantization != "none":
-            from transformers import BitsAndBytesConfig
-
-            llm_kwargs["quantization_config"] = (
-                BitsAndBytesConfig(
-                    load_in_4bit=True,
-                    bnb_4bit_quant_type="nf4",
-                    bnb_4bit_use_double_quant=True,
-                    bnb_4bit_compute_dtype=dtype or torch.bfloat16,
-                )
-                if quantization == "4bit"
-                else BitsAndBytesConfig(load_in_8bit=True)
-            )
-            llm_kwargs.setdefault("device_map", {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"})
-        language_model = AutoModelForCausalLM.from_pretrained(llm, **llm_kwargs)
-        if quantization != "none":
-            from peft import prepare_model_for_kbit_training
-
-            language_model = prepare_model_for_kbit_training(language_model, use_gradient_checkpointing=False)
+        language_model = load_language_model(llm, quantization, dtype)
         audio_encoder = load_audio_encoder(encoder, **({"dtype": dtype} if dtype is not None else {}))
         model = cls(config, language_model=language_model, audio_encoder=audio_encoder)
         model.config.text_config = language_model.config
+        return model
+
+    @classmethod
+    def from_stage1(
+        cls, folder: str | Path, llm: str, *, lora: dict | None, quantization: str = "none",
+        dtype: torch.dtype | None = None,
+    ) -> EmoQForConditionalGeneration:
+        """Stage 2's start for QLoRA (or another LoRA shape): the stage-1 folder's speech encoder,
+        EmoQ-Former, heads and projector around the LLM loaded from `llm` (hub id or folder) — 4-bit/8-bit
+        when asked — with a fresh `lora`.
+
+        Stage 1 never changes the LLM, so its own weights are the stage-1 model's; loading them through
+        bitsandbytes is what makes a QLoRA stage 2 possible (a plain `from_pretrained` of the stage-1
+        folder would load the LLM in full precision).
+        """
+        return cls._around_llm(folder, llm, lora, quantization, dtype, with_lora_weights=False)
+
+    @classmethod
+    def from_quantized(cls, folder: str | Path, dtype: torch.dtype | None = None) -> EmoQForConditionalGeneration:
+        """Reload a model trained with a 4-bit/8-bit LLM (QLoRA): the base LLM is quantized again from its
+        own reference (`text_config._name_or_path`), then the saved speech side and LoRA weights are
+        loaded — bitsandbytes' packed weights are never read back, so the result is exactly the trained
+        model (same quantization of the same base weights)."""
+        config = EmoQConfig.from_pretrained(folder)
+        q = dict(config.text_config.quantization_config)
+        quantization = "4bit" if q.get("load_in_4bit") or q.get("_load_in_4bit") else "8bit"
+        llm = getattr(config.text_config, "_name_or_path", None)
+        if not llm:
+            raise ValueError(f"{folder}: a quantized LLM was trained but its base model is not recorded "
+                             "(text_config._name_or_path)")
+        return cls._around_llm(folder, llm, config.lora, quantization, dtype, with_lora_weights=True)
+
+    @classmethod
+    def _around_llm(cls, folder, llm: str, lora: dict | None, quantization: str, dtype, with_lora_weights: bool):
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        config = EmoQConfig.from_pretrained(folder)
+        config.lora = lora
+        language_model = load_language_model(llm, quantization, dtype)
+        model = cls(config, language_model=language_model)
+        model.config.text_config = language_model.config
+
+        def wanted(key: str) -> bool:
+            return not key.startswith("language_model.") or (with_lora_weights and ".lora_" in key)
+
+        own = {k: v for k, v in load_file(folder / "model.safetensors").items() if wanted(k)}
+        missing, unexpected = model.load_state_dict(own, strict=False)
+        missing = [k for k in missing if wanted(k)]
+        if missing or unexpected:
+            raise ValueError(f"{folder}: saved weights do not fit the model built from its config "
+                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
         return model
 
     # ------------------------------------------------------------------ HF plumbing

@@ -74,13 +74,12 @@ def _deepspeed_launch() -> bool:
 
 def build_model_and_processor(cfg: RunConfig, init_from: str | None = None):
     """Stage 1: a fresh model around pretrained (or tiny random) parts. Stage 2: the stage-1 folder."""
-    from ..models import EmoQForConditionalGeneration
     from ..processing_emoq import EmoQProcessor
 
     labels = list(get_label_set(cfg.data.label_set).labels)
     m = cfg.model
     if init_from:
-        model = EmoQForConditionalGeneration.from_pretrained(init_from)
+        model = _stage1_model(cfg, init_from)
         processor = EmoQProcessor.from_pretrained(init_from)
         if list(model.config.id2label.values()) != labels:
             raise ValueError(
@@ -156,6 +155,25 @@ def _baseline_from_pretrained_parts(cfg: RunConfig, labels: list[str], with_text
     )
     tokenizer = AutoTokenizer.from_pretrained(text) if text else None
     return model, BaselineProcessor.for_encoder(fe, labels, audio_config, tokenizer=tokenizer)
+
+
+def _stage1_model(cfg: RunConfig, init_from: str):
+    """The stage-1 model as stage 2 starts from it. As saved, when the config asks for the same LLM setup
+    stage 1 used; otherwise (QLoRA: `model.quantization`, or another `model.lora`) the stage-1 speech side
+    around the LLM reloaded from `model.llm` (`EmoQForConditionalGeneration.from_stage1`)."""
+    from ..models import EmoQConfig, EmoQForConditionalGeneration
+
+    m, lora = cfg.model, _lora_dict(cfg)
+    if m.quantization == "none" and EmoQConfig.from_pretrained(init_from).lora == lora:
+        return EmoQForConditionalGeneration.from_pretrained(init_from)
+    if m.tiny_random:
+        raise ValueError("model.tiny_random: stage 2 cannot change model.quantization or model.lora from what "
+                         "stage 1 saved (there is no model.llm to reload the LLM from)")
+    from ..hub import resolve_model
+
+    dtype = torch.bfloat16 if cfg.trainer.mixed_precision == "bf16" and torch.cuda.is_available() else None
+    return EmoQForConditionalGeneration.from_stage1(init_from, resolve_model(m.llm), lora=lora,
+                                                    quantization=m.quantization, dtype=dtype)
 
 
 def _lora_dict(cfg: RunConfig) -> dict | None:
