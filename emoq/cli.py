@@ -84,7 +84,7 @@ def cmd_ls(args) -> int:
         print(f"  {name}")
     print("Built-in models (offline, from PyPI packages):")
     for name, desc in BUILTIN_MODELS.items():
-        print(f"  {name:32s} {desc}")
+        print(f"  {'builtin:' + name:40s} {desc}")
     return 0
 
 
@@ -193,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("ls", help="list shipped recipes, configs and built-in models")
+    p = sub.add_parser("ls", help="list shipped recipes, configs and built-in models",
+                       description="List what ships with emoq: recipes (for `emoq run`), configs under configs/ "
+                       "(for --config, `emoq cp`, `emoq validate`) and the builtin:* models usable offline.")
     p.set_defaults(func=cmd_ls)
 
     p = sub.add_parser("cp", help="copy a recipe or config out for editing")
@@ -203,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cp)
 
     p = sub.add_parser("validate", help="validate configs (no argument: every shipped config)")
-    p.add_argument("configs", nargs="*", metavar="CONFIG")
+    p.add_argument("configs", nargs="*", metavar="CONFIG",
+                   help="config names (emoq ls) or YAML paths; each is loaded with the strict checks of `emoq run` "
+                   "(unknown keys, wrong types, invalid choices); exit status 1 if any fails")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser(

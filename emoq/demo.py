@@ -35,15 +35,18 @@ def run_demo(args) -> int:
     from .cli import main as cli
 
     t = time.time()
-    cli(["eval", "--model", str(model), "--dataset", "meld", "--root", str(corpus), "--split", "test",
-         "--out", str(out / "eval")])
+    if cli(["eval", "--model", str(model), "--dataset", "meld", "--root", str(corpus), "--split", "test",
+            "--out", str(out / "eval")]) != 0:
+        print("[demo] eval scored no row: see the errors above", flush=True)
+        return 1
     print(f"[demo] eval: {time.time() - t:.0f} s", flush=True)
     from .data.meld import read_meld
 
     clip = read_meld(corpus, "test")[0]
     question = "How does the speaker sound? Answer with one emotion word."
     print(f"[demo] chat about {clip.audio} (gold: {clip.label}): {question}")
-    cli(["chat", "--model", str(model), "--audio", str(clip.audio), question])
+    if cli(["chat", "--model", str(model), "--audio", str(clip.audio), question]) != 0:
+        return 1
     print(f"[demo] done in {(time.time() - t0) / 60:.1f} min\n"
           f"  model (EmoQForConditionalGeneration.from_pretrained): {model / 'weights'}\n"
           f"  evaluation: {out / 'eval'}/report.md, metrics.json, predictions.jsonl, confusion_matrix.png\n"

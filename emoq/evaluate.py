@@ -173,6 +173,7 @@ def write_outputs(out: Path, records, metrics, labels) -> None:
 def run_eval(args) -> int:
     import torch
     import transformers
+    import yaml
 
     from . import __version__
     from .inference import EmotionRecognizer
@@ -190,12 +191,15 @@ def run_eval(args) -> int:
     rows, source = read_rows(args)
     records = evaluate_sharded(recognizer, rows, state, args.mode, args.batch_size,
                                get_label_set(args.label_set or "meld7"))
-    run_config = Path(args.model) / "weights" / "run_config.yaml"
+    from .inference import weights_folder
+
+    run_config = weights_folder(args.model) / "run_config.yaml"
+    trained_with = yaml.safe_load(run_config.read_text(encoding="utf-8")) if run_config.is_file() else {}
     protocol = {
         "dataset": source.split(":")[0], "split": source.split(":", 1)[1], "source": source,
         "classes": labels, "mode": args.mode, "model": str(args.model), "num_processes": num_processes,
         "config": str(run_config) if run_config.is_file() else None,
-        "seed": getattr(recognizer.model.config, "seed", None),
+        "seed": trained_with.get("seed"),  # the training run's seed (evaluation itself is deterministic)
         "versions": {"emoq": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
     }

@@ -173,6 +173,11 @@ def test_train_baseline_learns_and_emoq_eval_scores_it(trained, corpus, tmp_path
                 "--split", "test", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["rows_ok"] == 9 and metrics["protocol"]["classes"][:1] == ["neutral"]
+    protocol = metrics["protocol"]  # design trap 9: the results file states how it was made
+    assert protocol["seed"] == 0 and protocol["config"].endswith("run_config.yaml")
+    assert protocol["dataset"] == "meld" and protocol["split"] == "test" and protocol["mode"] == "score"
+    assert {"torch", "transformers", "emoq"} <= set(protocol["versions"])
+    assert "weighted_f1" in metrics["metric_definitions"]
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 9 and all(abs(sum(r["scores"].values()) - 1) < 1e-5 for r in rows)
 

@@ -8,8 +8,9 @@ from collections import Counter
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import require_module
 
-pytest.importorskip("espeakng_loader", reason="pip install espeakng-loader")
+require_module("espeakng_loader", "pip install espeakng-loader")
 
 from emoq.data.demo import PROFILES, SENTENCES, build_demo_corpus  # noqa: E402
 from emoq.data.meld import MELD_COLUMNS, read_meld  # noqa: E402

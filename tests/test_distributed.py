@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require_module
 from safetensors.torch import load_file
 from test_recipes import make_tone_corpus
 
@@ -99,7 +100,7 @@ def test_ddp_two_processes_cpu(corpus, tmp_path):
 
 @pytest.mark.slow
 def test_deepspeed_zero2_two_processes_cpu(corpus, tmp_path):
-    pytest.importorskip("deepspeed")
+    require_module("deepspeed", "pip install deepspeed")
     # first run JIT-compiles DeepSpeed's CPU comm extension (~40-90 s) into TORCH_EXTENSIONS_DIR;
     # save_every=2 writes checkpoint-2 with resumable state, whose ZeRO optimiser shards prove DeepSpeed ran
     proc = _run_stage2(corpus, tmp_path, ["--accelerate-config", "zero2"], ["trainer.save_every=2"], timeout=300)

