@@ -1,8 +1,8 @@
 """Stage 1: pre-train the EmoQ-Former (+ classification and projection heads) with MAL (focal + SupCon).
 
 The speech encoder stays frozen and the LLM is not run (its frozen token table only embeds the
-transcript). Optionally the frozen encoder's frames are computed once and cached, so later epochs
-skip the encoder entirely.
+transcript). Optionally (`stage1.cache_encoder_features`) the frozen encoder's frames are computed once
+and cached on disk, so later epochs (and reruns) skip the encoder entirely.
 
     emoq run stage1_qformer --config emoq/demo_cpu
     accelerate launch --config_file configs/accelerate/zero2.yaml recipes/stage1_qformer.py --config CONFIG
@@ -12,10 +12,15 @@ setup -> train -> cleanup; copy it out with `emoq cp stage1_qformer .` and edit 
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from emoq.config import RunConfig
 from emoq.data.collate import EmoQCollator, UtteranceDataset
@@ -32,19 +37,42 @@ from emoq.training.setup import (
 log = logging.getLogger("emoq.stage1")
 
 
-def cache_encoder_frames(model, processor, scan, cfg) -> dict[str, torch.Tensor]:
-    """Frozen-encoder frames per clip, computed once (valid frames only, so padding never leaks in)."""
-    dataset = UtteranceDataset(scan.ok, model.config.label2id, cfg.data.max_seconds, use_transcript=False)
-    collate = EmoQCollator(processor, with_prompt=False)
-    cache = {}
-    model.speech_encoder.eval()
-    with torch.no_grad():
-        for start in range(0, len(dataset), cfg.trainer.eval_batch_size):
-            batch = collate([dataset[i] for i in range(start, min(start + cfg.trainer.eval_batch_size, len(dataset)))])
-            frames, mask = model.speech_encoder(batch["input_features"], batch["feature_attention_mask"])
-            for key, f, m in zip(batch["keys"], frames, mask):
-                cache[key] = f[m].clone()
-    return cache
+def cache_encoder_frames(model, processor, scan, cfg, accelerator) -> dict[str, torch.Tensor]:
+    """Frozen-encoder frames per clip (valid frames only, so padding never leaks in), computed once and
+    kept on disk in the stage's output folder, so later epochs — and a resumed or repeated run with the
+    same encoder, layers and clips — skip the encoder. Rank 0 writes the file; every rank reads it."""
+    path = Path(cfg.stage1.output_dir) / "encoder_frames.safetensors"
+    fingerprint = json.dumps({
+        "encoder": cfg.model.encoder, "tiny_random": cfg.model.tiny_random, "seed": cfg.seed,
+        "layers": cfg.model.encoder_layers, "max_seconds": cfg.data.max_seconds,
+        "clips": sorted((u.key, str(u.audio), os.path.getsize(u.audio), os.path.getmtime(u.audio)) for u in scan.ok),
+    }, sort_keys=True)
+    if accelerator.is_main_process and _stored_fingerprint(path) != fingerprint:
+        dataset = UtteranceDataset(scan.ok, model.config.label2id, cfg.data.max_seconds, use_transcript=False)
+        collate = EmoQCollator(processor, with_prompt=False)
+        frames_by_key = {}
+        model.speech_encoder.eval()
+        with torch.no_grad():
+            for start in range(0, len(dataset), cfg.trainer.eval_batch_size):
+                stop = min(start + cfg.trainer.eval_batch_size, len(dataset))
+                batch = collate([dataset[i] for i in range(start, stop)])
+                frames, mask = model.speech_encoder(batch["input_features"], batch["feature_attention_mask"])
+                for key, f, m in zip(batch["keys"], frames, mask):
+                    frames_by_key[key] = f[m].contiguous()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(frames_by_key, tmp, metadata={"fingerprint": fingerprint})
+        tmp.replace(path)  # atomic: a killed run never leaves a half-written cache behind
+        log.info("encoder frames of %d clips cached in %s", len(frames_by_key), path)
+    accelerator.wait_for_everyone()
+    return load_file(path)
+
+
+def _stored_fingerprint(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    with safe_open(path, "pt") as f:
+        return (f.metadata() or {}).get("fingerprint")
 
 
 def setup(cfg: RunConfig) -> SimpleNamespace:
@@ -65,7 +93,8 @@ def setup(cfg: RunConfig) -> SimpleNamespace:
     if accelerator.is_main_process:
         print_parameter_table(model)
     train_scan = scanned_split(cfg, "train", accelerator)
-    cache = cache_encoder_frames(model, processor, train_scan, cfg) if cfg.stage1.cache_encoder_features else None
+    cache = (cache_encoder_frames(model, processor, train_scan, cfg, accelerator)
+             if cfg.stage1.cache_encoder_features else None)
     return prepare_training(cfg, cfg.stage1, accelerator, model, processor, prompt=False, tracker="stage1",
                             frame_cache=cache, train_scan=train_scan)
 

@@ -107,6 +107,26 @@ def test_stage1_feature_cache_matches_live_encoder_and_layer_mix(corpus, tmp_pat
     assert stage1.train(other).losses[0] == pytest.approx(result.losses[0], rel=1e-5, abs=1e-6)
 
 
+def test_encoder_frame_cache_is_kept_on_disk_and_reused_until_its_inputs_change(corpus, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from emoq.models.speech_encoder import SpeechEncoder
+
+    stage1 = load_recipe("stage1_qformer")
+    options = ("stage1.cache_encoder_features=true", "trainer.eval_every=100")
+    stage1.setup(_cfg(corpus, tmp_path, *options))
+    path = tmp_path / "stage1" / "encoder_frames.safetensors"
+    frames = load_file(path)
+    assert len(frames) == 24 and all(45 <= f.shape[0] <= 50 for f in frames.values())  # 0.9-1 s: 50 frames/s
+    calls = []
+    forward = SpeechEncoder.forward
+    monkeypatch.setattr(SpeechEncoder, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    stage1.setup(_cfg(corpus, tmp_path, *options))
+    assert calls == []  # same encoder, layers and clips: read back, the encoder never runs
+    stage1.setup(_cfg(corpus, tmp_path, *options, "data.max_seconds=0.5"))
+    assert calls and all(f.shape[0] == 25 for f in load_file(path).values())  # other inputs: rebuilt
+
+
 @pytest.mark.parametrize("recipe,stage", [("stage1_qformer", "stage1"), ("stage2_llm", "stage2")])
 def test_resume_reproduces_the_uninterrupted_run(corpus, tmp_path, recipe, stage):
     """Interrupted after step 4 (last checkpoint: step 3), rerun: the same losses and weights as a run that
