@@ -93,3 +93,29 @@ def test_reuse_and_seed_changes_output(corpora, tmp_path):
     assert (other / "dev_sent_emo.csv").read_bytes() != (a / "dev_sent_emo.csv").read_bytes()
     with pytest.raises(ValueError, match="unknown split"):
         build_demo_corpus(tmp_path / "d", per_class={"validation": 1})
+
+
+def test_voice_quality_breathy_adds_envelope_noise_and_tense_adds_harmonics():
+    from emoq.data.demo import VOICE_QUALITY, apply_voice_quality
+
+    sr = 16000
+    t = np.arange(sr) / sr
+    tone = (0.5 * np.sin(2 * np.pi * 200 * t)).astype(np.float32)
+    tone[: sr // 4] = 0.0  # a silent quarter second
+    rng = np.random.default_rng(0)
+    assert np.array_equal(apply_voice_quality(tone, "modal", rng, sr), tone)
+
+    def band(x, lo, hi):
+        spec = np.abs(np.fft.rfft(x)) ** 2
+        f = np.fft.rfftfreq(len(x), 1 / sr)
+        return spec[(f >= lo) & (f < hi)].sum() / spec.sum()
+
+    breathy = apply_voice_quality(tone, "breathy", np.random.default_rng(0), sr)
+    assert band(breathy, 2000, 8000) > 100 * band(tone, 2000, 8000) + 0.01  # aspiration noise, high band
+    assert np.abs(breathy[: sr // 4 - 200]).max() < 1e-3  # ... only where there is speech
+    tense = apply_voice_quality(tone, "tense", rng, sr)
+    assert np.abs(tense).max() == pytest.approx(0.5, rel=1e-4)  # same peak
+    assert band(tense, 550, 650) > 0.01 > band(tone, 550, 650)  # the 3rd harmonic (600 Hz) appears
+    with pytest.raises(ValueError, match="unknown voice quality"):
+        apply_voice_quality(tone, "creaky", rng, sr)
+    assert set(VOICE_QUALITY.values()) <= {"breathy", "tense"} and set(VOICE_QUALITY) <= set(EMOTIONS)

@@ -2,7 +2,8 @@
 
 No emotional speech corpus can be downloaded here, so the demo synthesises one with espeak-ng
 (:func:`emoq.tts.synthesize`). The seven MELD emotions are expressed only through *how* a sentence
-is spoken — speaking rate, pitch, pitch range, loudness — with per-utterance random jitter, so the
+is spoken — speaking rate, pitch, pitch range, loudness and voice quality (breathy, tense or modal
+phonation, see :data:`VOICE_QUALITY`) — with per-utterance random jitter, so the
 classes overlap a little but stay learnable by listening (roughly: sadness slow/low/flat/quiet,
 anger fast/loud/wide, joy fast-ish/high/wide, surprise very high/very wide, fear fast/high/flat/
 quiet, disgust slow/low/wide, neutral in the middle). Sentences come from one neutral pool shared
@@ -41,7 +42,8 @@ import numpy as np
 from ..labels import get_label_set
 from .meld import MELD_COLUMNS, MELD_SPLITS
 
-__all__ = ["build_demo_corpus", "PROFILES", "VOICES", "SENTENCES", "CHUNK_SIZE", "DEFAULT_PER_CLASS"]
+__all__ = ["build_demo_corpus", "apply_voice_quality", "PROFILES", "VOICE_QUALITY", "VOICES", "SENTENCES",
+           "CHUNK_SIZE", "DEFAULT_PER_CLASS"]
 
 logger = logging.getLogger("emoq.data.demo")
 
@@ -49,7 +51,7 @@ SAMPLE_RATE = 16000
 #: utterances per worker process (part of the corpus definition: see the module doc).
 CHUNK_SIZE = 40
 DEFAULT_PER_CLASS = {"train": 48, "dev": 8, "test": 12}
-_VERSION = 1
+_VERSION = 2
 
 #: emotion -> espeak prosody (rate wpm, pitch 0-100, pitch_range 0-100, volume 0-200).
 PROFILES: dict[str, dict[str, float]] = {
@@ -61,6 +63,10 @@ PROFILES: dict[str, dict[str, float]] = {
     "disgust": {"rate": 120, "pitch": 30, "pitch_range": 60, "volume": 110},
     "anger": {"rate": 210, "pitch": 42, "pitch_range": 70, "volume": 185},
 }
+#: emotion -> voice quality, applied after synthesis (espeak has no per-utterance phonation control):
+#: "breathy" adds aspiration noise that follows the speech envelope (low-arousal / fearful voice),
+#: "tense" soft-clips the waveform, adding the harmonics of a pressed, harsh voice; the rest is modal.
+VOICE_QUALITY: dict[str, str] = {"fear": "breathy", "sadness": "breathy", "anger": "tense", "disgust": "tense"}
 #: per-utterance jitter: rate and volume are scaled by U(1-j, 1+j); pitch and range get +-U(j).
 JITTER = {"rate": 0.10, "volume": 0.12, "pitch": 7.0, "pitch_range": 10.0}
 _SENTIMENT = {"neutral": "neutral", "joy": "positive", "surprise": None, "fear": "negative",
@@ -132,6 +138,23 @@ def _set_espeak_seed(seed: int) -> None:
         fn(int(seed) & 0x7FFFFFFF)
 
 
+def apply_voice_quality(audio: np.ndarray, quality: str, rng: np.random.Generator, sr: int) -> np.ndarray:
+    """"modal": unchanged; "breathy": + high-passed noise scaled by the 20 ms RMS envelope (silence stays
+    silent); "tense": tanh soft clipping at 3x drive, rescaled to the original peak (adds odd harmonics)."""
+    audio = np.asarray(audio, dtype=np.float32)
+    if quality == "modal" or not audio.size:
+        return audio
+    if quality == "breathy":
+        width = max(1, int(0.02 * sr))
+        envelope = np.sqrt(np.convolve(audio.astype(np.float64) ** 2, np.ones(width) / width, mode="same"))
+        noise = np.diff(rng.standard_normal(audio.size + 1))  # first difference: tilted towards high frequencies
+        return (0.8 * audio + 0.5 * envelope * noise / noise.std()).astype(np.float32)
+    if quality == "tense":
+        peak = float(np.abs(audio).max()) or 1.0
+        return (np.tanh(3.0 * audio / peak) / np.tanh(3.0) * peak).astype(np.float32)
+    raise ValueError(f"unknown voice quality {quality!r} (modal, breathy, tense)")
+
+
 def _synth_chunk(items: list[dict]) -> list[bytes]:
     """Worker: synthesise a chunk in this (fresh) process, return PCM-16 wav bytes per item."""
     import soundfile as sf
@@ -151,6 +174,7 @@ def _synth_chunk(items: list[dict]) -> list[bytes]:
             _set_espeak_seed(item["seed"])
             audio, sr = tts.synthesize(item["text"], voice=item["voice"], sample_rate=SAMPLE_RATE, **params)
         rng = np.random.default_rng(item["seed"])
+        audio = apply_voice_quality(audio, item["quality"], rng, sr)
         audio = audio + rng.standard_normal(len(audio)).astype(np.float32) * np.float32(10 ** (item["noise_db"] / 20))
         buf = io.BytesIO()
         sf.write(buf, np.clip(audio, -1.0, 1.0), sr, subtype="PCM_16", format="WAV")
@@ -191,7 +215,8 @@ def _plan(seed: int, per_class: dict[str, int], voices, noise_db: float) -> dict
                 items.append({
                     "split": split, "dia": dia, "utt": utt, "emotion": emotion, "sentiment": sentiment,
                     "text": SENTENCES[int(rng.integers(0, len(SENTENCES)))], "voice": voice, "speaker": speaker,
-                    "params": params, "seed": int(rng.integers(0, 2**31 - 1)), "noise_db": float(noise_db),
+                    "params": params, "quality": VOICE_QUALITY.get(emotion, "modal"),
+                    "seed": int(rng.integers(0, 2**31 - 1)), "noise_db": float(noise_db),
                     "season": 1 + (dia_offset + dia) % 10, "episode": 1 + (7 * (dia_offset + dia)) % 24,
                     "dia_start": float(rng.uniform(30, 1200)),
                 })
@@ -245,7 +270,7 @@ def build_demo_corpus(
         raise ValueError("build_demo_corpus needs at least two voices")
     info = {
         "version": _VERSION, "seed": int(seed), "per_class": per_class, "sample_rate": SAMPLE_RATE,
-        "voices": [list(v) for v in voices], "profiles": PROFILES, "jitter": JITTER, "noise_db": float(noise_db),
+        "voices": [list(v) for v in voices], "profiles": PROFILES, "voice_quality": VOICE_QUALITY, "jitter": JITTER, "noise_db": float(noise_db),
         "chunk_size": CHUNK_SIZE, "label_set": "meld7",
     }
     info_path = out / "demo_corpus.json"
