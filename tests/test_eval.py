@@ -288,3 +288,37 @@ def test_eval_sharded_over_two_cpu_processes_equals_one_process(audio_model, cor
     metrics.pop("protocol"), expected_metrics.pop("protocol")
     assert metrics == expected_metrics
     assert (out / "confusion_matrix.png").is_file() and (out / "report.md").is_file()
+
+
+def test_eval_on_iemocap_fold_and_on_a_manifest_reports_every_row(tmp_path):
+    from conftest_data import build_iemocap_tree, write_tone
+
+    from emoq.models.tiny import build_tiny
+
+    labels = list(get_label_set("iemocap4").labels)
+    model, processor = build_tiny(labels, lora={"r": 4}, seed=1)
+    model.save_pretrained(tmp_path / "model" / "weights")
+    processor.save_pretrained(tmp_path / "model" / "weights")
+    root = build_iemocap_tree(tmp_path / "iemocap", sessions=(1, 5), missing=("Ses05F_impro01_F000",))
+    out = tmp_path / "iemo_eval"
+    assert cli(["eval", "--model", str(tmp_path / "model"), "--dataset", "iemocap", "--root", str(root),
+                "--fold", "5", "--out", str(out)]) == 0
+    rows, metrics = read_outputs(out)
+    assert len(rows) == 9 and all(r["key"].startswith("Ses05") for r in rows)  # Session 5 only, all kept
+    assert [r["key"] for r in rows if r["status"] == "error"] == ["Ses05F_impro01_F000"]
+    assert metrics["rows_ok"] == 8 and metrics["protocol"]["dataset"] == "iemocap"
+    assert metrics["protocol"]["split"] == "Session5" and metrics["protocol"]["classes"] == labels
+    assert {r["gold"] for r in rows} <= set(labels) and "happy" in {r["gold"] for r in rows}  # exc merged
+
+    manifest = tmp_path / "m.jsonl"
+    write_tone(tmp_path / "a.wav", 0.5)
+    write_tone(tmp_path / "b.flac", 0.7, subtype="PCM_24")
+    manifest.write_text("\n".join(json.dumps(r) for r in [
+        {"key": "a", "audio": "a.wav", "label": "sad"}, {"key": "b", "audio": "b.flac", "label": "angry"},
+        {"key": "gone", "audio": "gone.wav", "label": "neutral"}]) + "\n")
+    out = tmp_path / "manifest_eval"
+    assert cli(["eval", "--model", str(tmp_path / "model"), "--manifest", str(manifest), "--label-set", "iemocap4",
+                "--out", str(out)]) == 0
+    rows, metrics = read_outputs(out)
+    assert [r["key"] for r in rows] == ["a", "b", "gone"] and [r["status"] for r in rows] == ["ok", "ok", "error"]
+    assert "gone.wav" in rows[2]["error"] and metrics["rows_ok"] == 2 and metrics["protocol"]["dataset"] == "manifest"
