@@ -82,6 +82,10 @@ class DataConfig:
     test_manifest: str | None = None
     label_set: str = "meld7"
     fold: int = 5  # IEMOCAP leave-one-session-out: the held-out session
+    # IEMOCAP has no dev split: this fraction of the training sessions' utterances (chosen by a hash of
+    # the key, so the same for every run and process) is held out for dev selection. 0 = select on the
+    # held-out session itself, as some papers do (a test-set leak; only for reproducing them).
+    dev_fraction: float = 0.1
     max_seconds: float | None = 20.0
     question: str = "What emotion does the speaker express?"
     use_transcript: bool = True
@@ -346,6 +350,8 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
                           "and at most one 'model.encoder_layers' entry (its feature layer)")
     if m.window_seconds is not None and m.window_seconds <= 0:
         raise ConfigError(f"{source}: 'model.window_seconds' must be positive or null")
+    if not 0.0 <= cfg.data.dev_fraction < 1.0:
+        raise ConfigError(f"{source}: 'data.dev_fraction' must be in [0, 1), got {cfg.data.dev_fraction}")
     if cfg.trainer.batch_size < 1 or cfg.trainer.gradient_accumulation_steps < 1:
         raise ConfigError(f"{source}: 'trainer.batch_size' and 'trainer.gradient_accumulation_steps' must be >= 1")
 

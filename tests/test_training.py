@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_recipes import _cfg, corpus  # noqa: F401  (the tone corpus fixture)
 
+from emoq.cli import RECIPES_DIR as RECIPES
 from emoq.cli import load_recipe
 from emoq.config import StageConfig
 from emoq.training.checkpoint import is_complete
@@ -88,3 +89,23 @@ def test_best_checkpoint_is_the_best_dev_score(corpus, tmp_path):  # noqa: F811
     assert result.step == 36 and len(scores) == 12 and result.best_metric == max(scores)  # 6 batches/epoch
     assert result.best_step == result.history[scores.index(max(scores))]["step"]
     assert is_complete(tmp_path / "stage1" / "best")
+
+
+def test_iemocap_dev_is_carved_from_the_training_sessions_never_the_test_fold(tmp_path):
+    from conftest_data import build_iemocap_tree
+
+    from emoq.config import load_config
+    from emoq.training.setup import load_split
+
+    root = build_iemocap_tree(tmp_path / "iemocap", write_wavs=False)
+    cfg = load_config(RECIPES.parent / "configs/emoq/tiny_test.yaml",
+                      ["data.dataset=iemocap", f"data.root={root}", "data.label_set=iemocap4", "data.fold=2",
+                       "data.dev_fraction=0.25"])
+    train, dev, test = (load_split(cfg, s) for s in ("train", "dev", "test"))
+    keys = [{u.key for u in part} for part in (train, dev, test)]
+    assert {u.split for u in test} == {"Session2"} and len(test) == 9
+    assert not any(u.split == "Session2" for u in train + dev)
+    assert not (keys[0] & keys[1]) and len(train) + len(dev) == 36 and 3 <= len(dev) <= 16
+    assert [u.key for u in load_split(cfg, "dev")] == [u.key for u in dev]  # the same split every time
+    cfg.data.dev_fraction = 0.0  # the papers' protocol: select on the held-out session (stated as a leak)
+    assert {u.key for u in load_split(cfg, "dev")} == keys[2] and len(load_split(cfg, "train")) == 36

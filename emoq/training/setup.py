@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -268,7 +269,17 @@ def load_split(cfg: RunConfig, split: str):
 
     utts = read_iemocap(d.root, protocol=d.label_set)
     test_session = f"Session{d.fold}"
-    return [u for u in utts if (u.split == test_session) == (split != "train")]
+    if split == "test" or (split == "dev" and d.dev_fraction == 0):
+        return [u for u in utts if u.split == test_session]
+    training = [u for u in utts if u.split != test_session]
+    return [u for u in training if held_out_for_dev(u.key, d.dev_fraction) == (split == "dev")]
+
+
+def held_out_for_dev(key: str, fraction: float) -> bool:
+    """Whether utterance `key` belongs to the dev part carved out of a corpus' training data: decided by
+    a hash of the key alone, so every run, process and Python gets the same split."""
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
 def scanned_split(cfg: RunConfig, split: str, accelerator=None) -> ScanResult:
