@@ -29,7 +29,8 @@ def _score(model, processor, batch):
     )
 
 
-@pytest.mark.parametrize("encoder,window", [("whisper", None), ("whisper", 0.5), ("hubert", None)])
+@pytest.mark.parametrize("encoder,window", [("whisper", None), ("whisper", 0.5), ("hubert", None), ("wavlm", None),
+                                            ("wav2vec2", None), ("hubert", 0.5)])
 def test_batch_of_n_equals_batch_of_one(tiny, clips, encoder, window):
     model, processor = tiny(encoder=encoder, window_seconds=window, lora={"r": 4})
     batch = _batch(processor, clips, answers=["joy", "neutral", "anger"])

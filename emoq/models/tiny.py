@@ -87,17 +87,22 @@ __all__ = [
 ]
 
 
-def tiny_hubert_config(**overrides):
-    """A 2-layer HuBERT with layer-norm feature extraction (padding-safe, like the large checkpoints)."""
-    from transformers import HubertConfig
+SSL_ENCODERS = ("hubert", "wavlm", "wav2vec2")
 
+
+def tiny_ssl_config(kind: str = "hubert", **overrides):
+    """A 2-layer wav2vec2-family encoder (HuBERT, WavLM or wav2vec2) with layer-norm feature extraction
+    (padding-safe, like the large checkpoints users fine-tune from)."""
+    from transformers import HubertConfig, Wav2Vec2Config, WavLMConfig
+
+    config_class = {"hubert": HubertConfig, "wavlm": WavLMConfig, "wav2vec2": Wav2Vec2Config}[kind]
     kwargs = dict(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
         conv_dim=(16, 16), conv_stride=(5, 64), conv_kernel=(10, 64), num_conv_pos_embeddings=16,
         num_conv_pos_embedding_groups=4, feat_extract_norm="layer", do_stable_layer_norm=True,
     )
     kwargs.update(overrides)
-    return HubertConfig(**kwargs)
+    return config_class(**kwargs)
 
 
 def build_tiny(
@@ -105,7 +110,7 @@ def build_tiny(
     num_query_tokens: int = 4,
     lora: dict | None = None,
     window_seconds: float | None = None,
-    encoder: str = "whisper",
+    encoder: str = "whisper",  # or one of SSL_ENCODERS
     encoder_layers: list[int] | None = None,
     seed: int = 0,
 ):
@@ -121,7 +126,7 @@ def build_tiny(
     if encoder == "whisper":
         audio_config, fe = tiny_whisper_config(), whisper_feature_extractor()
     else:
-        audio_config = tiny_hubert_config()
+        audio_config = tiny_ssl_config(encoder)
         fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, do_normalize=True, return_attention_mask=True)
     processor = EmoQProcessor.for_encoder(
         fe, tok, labels, audio_config, num_query_tokens=num_query_tokens, window_seconds=window_seconds
@@ -182,7 +187,7 @@ def build_tiny_baseline(system: str, labels: list[str], seed: int = 0, with_text
         model = QieemoForEmotionClassification(config)
         processor = BaselineProcessor.for_encoder(whisper_feature_extractor(), labels, audio_config)
     elif system == "patamia":
-        audio_config = tiny_hubert_config()
+        audio_config = tiny_ssl_config("hubert")
         tok = tiny_tokenizer() if with_text else None
         config = PatamiaConfig(audio_config=audio_config, text_config=tiny_bert_config(len(tok)) if tok else None,
                                id2label=id2label, label2id=label2id, fusion_hidden_size=32, contrastive_dim=16)
