@@ -111,7 +111,7 @@ def test_prepare_meld_reports_every_row(meld_root, tmp_path, capsys):
     assert f"{report.ok} ok, {report.error} error" in summary and "hours of audio" in summary
     assert "train/dia3_utt1:" in summary and "file not found" in summary
     # the dataset view skips (and counts) the error rows
-    ds, skipped = load_manifest_dataset(out / "train.jsonl")
+    ds, skipped = load_manifest_dataset(out / "train.jsonl", cache_dir=tmp_path / "hf")
     assert len(ds) == n_ok and skipped == len(CASES) - n_ok
     assert all(p.endswith(".wav") for p in ds["audio"])
     # the manifest is relocatable and readable as a corpus

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from conftest_data import (
@@ -263,7 +264,7 @@ def test_manifest_errors_name_file_and_line(tmp_path):
         read_manifest(tmp_path / "nope.jsonl")
 
 
-def test_manifest_round_trip_and_dataset(tmp_path):
+def test_manifest_round_trip_and_dataset(tmp_path, monkeypatch):
     utts = [
         Utterance("s/1", "s", str(tmp_path / "wav" / "1.wav"), "joy", text="a", extra={"duration": 1.5, "status": "ok"}),
         Utterance("s/2", "s", None, "anger", extra={"status": "error", "error": "x.mp4: empty file (0 bytes)"}),
@@ -276,12 +277,26 @@ def test_manifest_round_trip_and_dataset(tmp_path):
     assert [u.audio for u in back] == [str(tmp_path.resolve() / "wav" / "1.wav"), None,
                                       str(tmp_path.resolve() / "wav" / "3.wav")]
     assert back[1].extra["error"].endswith("empty file (0 bytes)")
-    ds, skipped = load_manifest_dataset(path)
+    cache = tmp_path / "hf"
+    ds, skipped = load_manifest_dataset(path, cache_dir=cache)
     assert skipped == 1 and len(ds) == 2 and ds["key"] == ["s/1", "s/3"]
     assert ds["duration"] == [1.5, 2.0] and ds["audio"][0].endswith("1.wav")  # paths, not decoded audio
-    ds, skipped = load_manifest_dataset([path], skip_errors=False, label_set="meld7")
+    assert ds.cache_files and all(Path(f["filename"]).is_relative_to(cache) for f in ds.cache_files)  # on disk
+    ds, skipped = load_manifest_dataset([path], skip_errors=False, label_set="meld7", cache_dir=cache)
     assert skipped == 0 and len(ds) == 3 and ds["status"] == ["ok", "error", "ok"]
     assert ds["label_id"] == [4, 6, 2]
+    # cached: the same manifest and arguments are not parsed again; a changed manifest is
+    import emoq.data.manifest as manifest_module
+
+    def no_parsing(*args, **kwargs):
+        raise AssertionError("the manifest was parsed again")
+
+    monkeypatch.setattr(manifest_module, "read_manifest", no_parsing)
+    again, skipped = load_manifest_dataset(path, cache_dir=cache)
+    assert skipped == 1 and again["key"] == ["s/1", "s/3"]
+    path.write_text(path.read_text() + "\n")
+    with pytest.raises(AssertionError, match="parsed again"):
+        load_manifest_dataset(path, cache_dir=cache)
 
 
 # --------------------------------------------------------------------------------- samplers

@@ -157,7 +157,8 @@ def write_manifest(rows: Iterable, path, relative_paths: bool = True) -> Path:
     return path
 
 
-def load_manifest_dataset(path, skip_errors: bool = True, label_set: str | LabelSet | None = None):
+def load_manifest_dataset(path, skip_errors: bool = True, label_set: str | LabelSet | None = None,
+                          cache_dir: str | os.PathLike | None = None):
     """A ``datasets.Dataset`` of paths (never decoded audio) from one or more manifests.
 
     Returns ``(dataset, n_skipped)``: with ``skip_errors`` the rows marked ``"status": "error"`` by
@@ -165,11 +166,56 @@ def load_manifest_dataset(path, skip_errors: bool = True, label_set: str | Label
     :data:`DATASET_COLUMNS` (+ ``label_id`` when ``label_set`` is given, + ``status``/``error``
     when error rows are kept). Decode audio with :func:`emoq.audio.load_audio` in ``.map()`` or the
     collator: ``datasets.Audio`` needs torchcodec, which does not import beside CPU torch.
+
+    Cached like ``datasets.load_dataset``: the dataset is saved as Arrow under ``cache_dir`` (default
+    ``$EMOQ_CACHE/datasets``), keyed by the manifests' bytes and locations and these arguments, and
+    memory-mapped from there — a large manifest is parsed once, and ``.map()`` results are cached.
     """
     import datasets
 
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     labels = get_label_set(label_set) if label_set is not None else None
+    folder = _dataset_cache_folder(paths, skip_errors, labels, cache_dir)
+    if (folder / _SKIPPED_FILE).is_file():
+        skipped = json.loads((folder / _SKIPPED_FILE).read_text(encoding="utf-8"))["skipped"]
+    else:
+        dataset, skipped = _build_manifest_dataset(paths, skip_errors, labels)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        dataset.save_to_disk(str(tmp))
+        (tmp / _SKIPPED_FILE).write_text(json.dumps({"skipped": skipped}), encoding="utf-8")
+        try:
+            tmp.rename(folder)  # atomic; a concurrent builder may have won, with identical content
+        except OSError:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    if skipped:
+        logger.warning("%s: skipped %d row(s) with status 'error' (see the 'error' field in the manifest)",
+                       ", ".join(map(str, paths)), skipped)
+    return datasets.load_from_disk(str(folder)), skipped
+
+
+_SKIPPED_FILE = "emoq_skipped.json"
+
+
+def _dataset_cache_folder(paths, skip_errors: bool, labels: LabelSet | None, cache_dir) -> Path:
+    import hashlib
+
+    from ..hub import cache_dir as emoq_cache
+
+    digest = hashlib.sha256()
+    for p in paths:
+        digest.update(str(Path(p).resolve()).encode() + b"\0" + Path(p).read_bytes() + b"\0")
+    digest.update(json.dumps([skip_errors, labels.name if labels else None,
+                              list(labels.labels) if labels else None]).encode())
+    root = Path(cache_dir) if cache_dir is not None else emoq_cache() / "datasets"
+    root.mkdir(parents=True, exist_ok=True)
+    return root / digest.hexdigest()[:32]
+
+
+def _build_manifest_dataset(paths, skip_errors: bool, labels: LabelSet | None):
+    import datasets
+
     columns: dict[str, list] = {c: [] for c in DATASET_COLUMNS}
     if not skip_errors:
         columns.update(status=[], error=[])
@@ -191,9 +237,6 @@ def load_manifest_dataset(path, skip_errors: bool = True, label_set: str | Label
                 columns[c].append(values[c])
     if labels is not None:
         columns["label_id"] = [None if lab is None else labels.label2id[lab] for lab in columns["label"]]
-    if skipped:
-        logger.warning("%s: skipped %d row(s) with status 'error' (see the 'error' field in the manifest)",
-                       ", ".join(map(str, paths)), skipped)
     features = {c: datasets.Value("string") for c in columns}
     features["duration"] = datasets.Value("float64")
     if "label_id" in columns:
