@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import require_module
@@ -37,10 +38,11 @@ def corpus(tmp_path_factory):
     return make_tone_corpus(tmp_path_factory.mktemp("tones"), {"train": TRAIN_PER_CLASS, "dev": 2})
 
 
-def _run_stage2(corpus: Path, out: Path, options=(), overrides=(), *, timeout: int) -> subprocess.CompletedProcess:
+def _run_stage2(corpus: Path, out: Path, options=(), overrides=(), *, timeout: int,
+                recipe: str = "stage2_llm") -> subprocess.CompletedProcess:
     cmd = [
         sys.executable, "-m", "emoq.cli", "run", "--config", "emoq/tiny_test", "--nproc", "2", *options,
-        "stage2_llm", f"data.root={corpus}", f"trainer.output_dir={out}", "stage2.init_from=null",
+        recipe, f"data.root={corpus}", f"trainer.output_dir={out}", "stage2.init_from=null",
         f"trainer.batch_size={BATCH}", "trainer.max_steps=0", "stage2.epochs=1", *overrides,
     ]
     env = dict(os.environ)
@@ -107,6 +109,35 @@ def test_deepspeed_zero2_two_processes_cpu(corpus, tmp_path):
     _check_two_processes_trained(proc, tmp_path)
     _check_zero_state(tmp_path / "stage2" / "checkpoint-2" / "state", stage=2)
     _check_adapter(tmp_path)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_resume_reproduces_the_uninterrupted_run(corpus, tmp_path):
+    """2 ranks under ZeRO-2, 6 steps with a checkpoint every 2; a run stopped after step 3 (as if killed:
+    the last checkpoint is step 2) and rerun must end with the uninterrupted run's losses and weights —
+    DeepSpeed's partitioned optimiser state, the scheduler, RNG and the sharded sampler all restored."""
+    require_module("deepspeed", "pip install deepspeed")
+    stopper = tmp_path / "stage2_stop_at_3.py"
+    stopper.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(REPO / 'recipes')!r})\n"
+        "import stage2_llm as s2\n"
+        "from emoq.training.recipe import recipe_main\n"
+        "recipe_main(s2.__doc__, s2.setup, lambda ctx: s2.train(ctx, stop_after=3), s2.cleanup)\n"
+    )
+    options, overrides = ["--accelerate-config", "zero2"], ["trainer.save_every=2", "stage2.epochs=2"]
+    _run_stage2(corpus, tmp_path / "full", options, overrides, timeout=300)
+    _run_stage2(corpus, tmp_path / "cut", options, overrides, timeout=300, recipe=str(stopper))
+    assert sorted(p.name for p in (tmp_path / "cut" / "stage2").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (tmp_path / "cut" / "stage2" / "final").exists()
+    resumed = _run_stage2(corpus, tmp_path / "cut", options, overrides, timeout=300)
+    assert "resumed from" in resumed.stdout and "checkpoint-2 at step 2" in resumed.stdout, resumed.stdout[-3000:]
+    full, cut = (json.loads((tmp_path / run / "stage2/final/trainer_state.json").read_text()) for run in ("full", "cut"))
+    assert full["step"] == cut["step"] == 6
+    np.testing.assert_allclose(cut["losses"], full["losses"], rtol=1e-5, atol=1e-6)
+    a, b = (load_file(tmp_path / run / "stage2/final/weights/model.safetensors") for run in ("full", "cut"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow

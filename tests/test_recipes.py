@@ -128,7 +128,7 @@ def test_encoder_frame_cache_is_kept_on_disk_and_reused_until_its_inputs_change(
 
 
 @pytest.mark.parametrize("recipe,stage", [("stage1_qformer", "stage1"), ("stage2_llm", "stage2")])
-def test_resume_reproduces_the_uninterrupted_run(corpus, tmp_path, recipe, stage):
+def test_resume_reproduces_the_uninterrupted_run(corpus, tmp_path, capsys, recipe, stage):
     """Interrupted after step 4 (last checkpoint: step 3), rerun: the same losses and weights as a run that
     never stopped — with dropout on (RNG state restored), mid-epoch (skip_first_batches), and in stage 2
     with LoRA dropout and the LM loss."""
@@ -141,7 +141,9 @@ def test_resume_reproduces_the_uninterrupted_run(corpus, tmp_path, recipe, stage
     part = module.train(ctx, stop_after=4)  # "interrupted" after step 4: last checkpoint is step 3
     assert part.step == 4 and latest_checkpoint(tmp_path / "cut" / stage).name == "checkpoint-3"
     ctx = module.setup(_cfg(corpus, tmp_path / "cut", *common))
+    capsys.readouterr()
     resumed = module.train(ctx)
+    assert "checkpoint-3 at step 3" in capsys.readouterr().out  # resumed, not restarted
     assert resumed.step == 8
     np.testing.assert_allclose(resumed.losses, full.losses, rtol=1e-6, atol=1e-6)
     from safetensors.torch import load_file
