@@ -50,10 +50,17 @@ def test_batch_of_n_equals_batch_of_one(tiny, clips, encoder, window):
         assert gen1[0].tolist() == gen[i].tolist()
 
 
+@pytest.mark.parametrize("shared_prompt", [True, False], ids=["kv-cache", "full-rows"])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_label_scores_are_the_log_likelihood_of_each_full_answer(tiny, clips, padding_side):
-    """score_labels (prompts once, answers read the cached prompt) against the definition: the sum of
-    log p(answer token | everything before) from one plain LLM pass over prompt + answer, per clip and label."""
+def test_label_scores_are_the_log_likelihood_of_each_full_answer(tiny, clips, padding_side, shared_prompt,
+                                                                monkeypatch):
+    """score_labels against the definition: the sum of log p(answer token | everything before) from one
+    plain LLM pass over prompt + answer, per clip and label — both for the shared-prompt KV-cache path and
+    for the one-pass-per-row path that LLMs with linear-attention caches take."""
+    import emoq.models.modeling_emoq as modeling
+
+    if not shared_prompt:
+        monkeypatch.setattr(modeling, "_SHAREABLE_CACHE_LAYERS", ())
     model, processor = tiny(lora={"r": 4})
     with torch.no_grad():
         for name, p in model.language_model.named_parameters():
@@ -73,6 +80,26 @@ def test_label_scores_are_the_log_likelihood_of_each_full_answer(tiny, clips, pa
                 logp = model.language_model(inputs_embeds=full).logits[0].float().log_softmax(-1)
                 reference = sum(float(logp[prompt - 1 + j, t]) for j, t in enumerate(cand))
                 assert abs(float(scores[i, label]) - reference) < 1e-4, (i, label, float(scores[i, label]), reference)
+
+
+def test_label_scores_with_sliding_window_attention_do_not_depend_on_batching(clips):
+    """A sliding-window LLM (Mistral) whose window is shorter than the padding between prompts of different
+    lengths (window-level queries: 8 vs 20 soft-prompt tokens): batched scores equal scores alone."""
+    from transformers import MistralConfig
+
+    from emoq.models.tiny import build_tiny, tiny_tokenizer
+
+    mistral = MistralConfig(vocab_size=len(tiny_tokenizer()), hidden_size=48, intermediate_size=96,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                            max_position_embeddings=1024)
+    model, processor = build_tiny(["neutral", "joy", "anger"], window_seconds=0.5, text_config=mistral)
+    model.eval()
+    batch = processor(clips)  # right padding, as the eval collator and EmotionRecognizer produce
+    assert (batch["attention_mask"].sum(1).max() - batch["attention_mask"].sum(1).min()) > 8
+    scores = _score(model, processor, batch)
+    for i in range(len(clips)):
+        alone = _score(model, processor, processor(clips[i : i + 1]))
+        torch.testing.assert_close(alone[0], scores[i], atol=1e-4, rtol=1e-5)
 
 
 def test_window_queries_scale_with_duration(tiny, clips):

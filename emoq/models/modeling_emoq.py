@@ -79,6 +79,16 @@ def load_language_model(llm: str, quantization: str = "none", dtype: torch.dtype
     return language_model
 
 
+def _shareable_cache_layers() -> tuple[type, ...]:
+    """Cache layer types that hold only keys and values, so a prompt's cache can be repeated per label."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    return DynamicLayer, DynamicSlidingWindowLayer
+
+
+_SHAREABLE_CACHE_LAYERS = _shareable_cache_layers()
+
+
 def _cache_kwarg(decoder: nn.Module) -> str:
     """Name under which the decoder's forward takes a KV cache: `cache` (transformers >= 5.24) or
     `past_key_values` (earlier 5.x)."""
@@ -451,47 +461,84 @@ class EmoQForConditionalGeneration(EmoQPreTrainedModel, GenerationMixin):
 
         Two LLM passes: the B prompts once, keeping their KV cache; then the B x L candidate answers (a few
         tokens each) reading that cache, repeated per label. The prompt — soft prompts, system text,
-        question — is not recomputed per label, so scoring costs about one prompt pass plus L short
-        ones. Positions come from the attention mask, so padding (either side) changes nothing: a row
-        scores the same alone or in a batch. Only hidden states at answer positions go through the LM
-        head. `normalize="mean"` divides by the candidate's token count.
+        question — is not recomputed per label, so scoring costs about one prompt pass plus one short
+        pass. Prompts are left-aligned here whatever their padding, with positions from the mask, so a
+        row scores the same alone or in a batch (sliding-window attention included). LLMs whose cache is
+        not a plain KV cache (linear-attention / conv layers) take one pass over every [prompt ;
+        answer] row instead. Only hidden states at answer positions go through the LM head.
+        `normalize="mean"` divides by the candidate's token count.
         """
         from transformers import DynamicCache
 
         embeds, _, _ = self.get_inputs_embeds(
             input_ids, input_features, feature_attention_mask, transcript_ids, transcript_attention_mask
         )
-        device, (batch, num_labels) = embeds.device, (embeds.shape[0], len(candidate_ids))
-        decoder, table = self.language_model.base_model, self.get_input_embeddings()
         mask = attention_mask.long()
-        prompt_len = mask.sum(-1)
+        order = torch.argsort(mask, dim=1, stable=True)  # padding first, real tokens in order after it
+        embeds = embeds.gather(1, order[..., None].expand_as(embeds))
+        mask = mask.gather(1, order)
+        device, (batch, num_labels) = embeds.device, (embeds.shape[0], len(candidate_ids))
         cache = DynamicCache(config=self.language_model.config)
+        if not all(type(layer) in _SHAREABLE_CACHE_LAYERS for layer in getattr(cache, "layers", [])):
+            scores = self._score_full_rows(embeds, mask, candidate_ids)
+        else:
+            scores = self._score_with_shared_prompt(embeds, mask, candidate_ids, cache)
+        if normalize == "mean":
+            scores = scores / torch.tensor([len(c) for c in candidate_ids], device=device).repeat(batch)
+        return scores.view(batch, num_labels)
+
+    def _score_with_shared_prompt(self, embeds, mask, candidate_ids, cache) -> torch.Tensor:
+        """[B*L] answer log-likelihoods: prompts (left-aligned) once into `cache`, then all answers reading it."""
+        device, (batch, num_labels) = embeds.device, (embeds.shape[0], len(candidate_ids))
+        decoder = self.language_model.base_model
         cache_arg = {_cache_kwarg(decoder): cache}
         hidden = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                          use_cache=True, **cache_arg).last_hidden_state
-        last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # each row's last real prompt token
-        prompt_last = hidden[torch.arange(batch, device=device), last]  # [B, D]: predicts each answer's 1st token
-
+        prompt_last = hidden[:, -1]  # left-aligned: every row's last prompt token; predicts answer token 0
         lengths = torch.tensor([len(c) for c in candidate_ids], device=device)
         cands = nn.utils.rnn.pad_sequence([torch.tensor(c, device=device) for c in candidate_ids], batch_first=True)
         cand_mask = (torch.arange(cands.shape[1], device=device)[None] < lengths[:, None]).long()  # [L, C]
         cache.batch_repeat_interleave(num_labels)  # row b*L + l: prompt b, then candidate l
-        rows = batch * num_labels
-        cand_embeds = table(cands).to(embeds.dtype).repeat(batch, 1, 1)  # [B*L, C, D]
+        cand_embeds = self.get_input_embeddings()(cands).to(embeds.dtype).repeat(batch, 1, 1)  # [B*L, C, D]
         full_mask = torch.cat([mask.repeat_interleave(num_labels, 0), cand_mask.repeat(batch, 1)], dim=1)
-        positions = prompt_len.repeat_interleave(num_labels)[:, None] + torch.arange(cands.shape[1], device=device)
+        positions = mask.sum(-1).repeat_interleave(num_labels)[:, None] + torch.arange(cands.shape[1], device=device)
         cand_hidden = decoder(inputs_embeds=cand_embeds, attention_mask=full_mask, position_ids=positions,
                               use_cache=True, **cache_arg).last_hidden_state  # [B*L, C, D]
         # the hidden state before answer token j: the prompt's last for j = 0, answer token j-1 after that
         before = torch.cat([prompt_last.repeat_interleave(num_labels, 0)[:, None], cand_hidden[:, :-1]], dim=1)
-        valid = cand_mask.repeat(batch, 1).bool()
+        return self._answer_log_likelihoods(before, cands.repeat(batch, 1), cand_mask.repeat(batch, 1).bool())
+
+    def _score_full_rows(self, embeds, mask, candidate_ids) -> torch.Tensor:
+        """[B*L] answer log-likelihoods from one pass over every left-aligned [prompt ; answer] row (for LLMs
+        whose cache cannot be shared between rows: linear attention, convolutions)."""
+        device, batch = embeds.device, embeds.shape[0]
+        num_labels, longest = len(candidate_ids), max(len(c) for c in candidate_ids)
+        # right-pad each answer, then move the padding to the row's front: the row stays left-aligned
+        cands = torch.stack([torch.tensor(c + [0] * (longest - len(c)), device=device) for c in candidate_ids])
+        cand_mask = (torch.arange(longest, device=device)[None] < torch.tensor([len(c) for c in candidate_ids],
+                                                                                device=device)[:, None]).long()
+        rows = torch.cat([embeds.repeat_interleave(num_labels, 0),
+                          self.get_input_embeddings()(cands).to(embeds.dtype).repeat(batch, 1, 1)], dim=1)
+        row_mask = torch.cat([mask.repeat_interleave(num_labels, 0), cand_mask.repeat(batch, 1)], dim=1)
+        order = torch.argsort(row_mask, dim=1, stable=True)
+        rows, row_mask = rows.gather(1, order[..., None].expand_as(rows)), row_mask.gather(1, order)
+        hidden = self.language_model.base_model(
+            inputs_embeds=rows, attention_mask=row_mask, position_ids=(row_mask.cumsum(-1) - 1).clamp(min=0),
+        ).last_hidden_state
+        answer_len = cand_mask.sum(-1).repeat(batch)  # each row ends with its answer's real tokens
+        width = rows.shape[1]
+        start = width - answer_len  # index of answer token 0
+        offsets = torch.arange(longest, device=device)[None]
+        before_idx = (start[:, None] - 1 + offsets).clamp(max=width - 1)
+        before = hidden.gather(1, before_idx[..., None].expand(-1, -1, hidden.shape[-1]))
+        return self._answer_log_likelihoods(before, cands.repeat(batch, 1), cand_mask.repeat(batch, 1).bool())
+
+    def _answer_log_likelihoods(self, before: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Sum over each row's valid answer tokens of log p(token | hidden state before it): [rows]."""
         logits = self.get_output_embeddings()(before[valid]).float()
-        token_logp = logits.log_softmax(-1).gather(-1, cands.repeat(batch, 1)[valid][:, None]).squeeze(-1)
-        row_idx = torch.arange(rows, device=device)[:, None].expand_as(valid)[valid]
-        scores = torch.zeros(rows, device=device).index_add_(0, row_idx, token_logp)
-        if normalize == "mean":
-            scores = scores / lengths.repeat(batch).float()
-        return scores.view(batch, num_labels)
+        token_logp = logits.log_softmax(-1).gather(-1, targets[valid][:, None]).squeeze(-1)
+        row_idx = torch.arange(valid.shape[0], device=valid.device)[:, None].expand_as(valid)[valid]
+        return torch.zeros(valid.shape[0], device=valid.device).index_add_(0, row_idx, token_logp)
 
     @torch.no_grad()
     def generate(

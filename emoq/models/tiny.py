@@ -113,8 +113,11 @@ def build_tiny(
     encoder: str = "whisper",  # or one of SSL_ENCODERS
     encoder_layers: list[int] | None = None,
     seed: int = 0,
+    text_config=None,
 ):
-    """(EmoQForConditionalGeneration, EmoQProcessor) with random tiny weights, built offline in seconds."""
+    """(EmoQForConditionalGeneration, EmoQProcessor) with random tiny weights, built offline in seconds.
+
+    `text_config`: another tiny LLM config (vocabulary: the tiny tokenizer's) instead of the Llama one."""
     import torch
     from transformers import Wav2Vec2FeatureExtractor
 
@@ -133,7 +136,7 @@ def build_tiny(
     )
     config = EmoQConfig(
         audio_config=audio_config,
-        text_config=tiny_llama_config(len(tok)),
+        text_config=text_config or tiny_llama_config(len(tok)),
         qformer_config=tiny_qformer_config(window_seconds=window_seconds, frames_per_second=processor.frames_per_second),
         num_query_tokens=num_query_tokens,
         audio_token_id=processor.audio_token_id,
