@@ -59,13 +59,10 @@ class EmotionRecognizer:
 
             model = AutoModel.from_pretrained(folder, **load)
             return BaselineRecognizer(model, BaselineProcessor.from_pretrained(folder), device=device, **kwargs)
-        from .models import EmoQConfig, EmoQForConditionalGeneration
+        from .models import EmoQForConditionalGeneration
         from .processing_emoq import EmoQProcessor
 
-        if getattr(EmoQConfig.from_pretrained(folder).text_config, "quantization_config", None):  # QLoRA-trained
-            model = EmoQForConditionalGeneration.from_quantized(folder, dtype=dtype)
-        else:
-            model = EmoQForConditionalGeneration.from_pretrained(folder, **load)
+        model = EmoQForConditionalGeneration.from_pretrained(folder, **load)  # QLoRA folders: from_quantized
         return cls(model, EmoQProcessor.from_pretrained(folder), device=device, **kwargs)
 
     @cached_property

@@ -155,6 +155,9 @@ def test_save_and_load_round_trip_gives_identical_outputs(tiny, clips, tmp_path)
     assert isinstance(loaded, EmoQForConditionalGeneration)
     assert isinstance(AutoConfig.from_pretrained(tmp_path / "m"), type(model.config))
     assert loaded.config.id2label == {0: "neutral", 1: "joy", 2: "anger"}
+    half = EmoQForConditionalGeneration.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    assert half.language_model.dtype == torch.bfloat16  # the LLM in bf16 ...
+    assert {p.dtype for p in half.qformer.parameters()} == {torch.float32}  # ... the EmoQ-Former kept fp32
     with torch.no_grad():
         out = loaded(**batch)
     torch.testing.assert_close(out.logits, ref.logits, atol=0, rtol=0)

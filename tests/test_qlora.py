@@ -11,6 +11,7 @@ from transformers import LlamaForCausalLM, WhisperModel
 from emoq.models import EmoQForConditionalGeneration
 from emoq.models.tiny import tiny_llama_config, tiny_qformer_config, tiny_tokenizer, tiny_whisper_config
 
+CONFIG = __import__("pathlib").Path(__file__).resolve().parent.parent / "configs/emoq/tiny_test.yaml"
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
 
 
@@ -101,6 +102,9 @@ def test_qlora_config_trains_stage2_on_a_4bit_llm_from_the_stage1_model(saved_pa
 
     rec = EmotionRecognizer.from_pretrained(tmp_path / "run/stage2/final", device="cpu")
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in rec.model.language_model.modules())
+    outside_llm = [n for n, m in rec.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)
+                   and not n.startswith("language_model.")]
+    assert not outside_llm, outside_llm  # the speech side, EmoQ-Former and projector stay full precision
     clips = [np.sin(np.arange(16000) / 16000 * 2 * np.pi * hz).astype(np.float32) * 0.3 for hz in (150, 900)]
     trained = ctx.accelerator.unwrap_model(ctx.model).eval()
     batch = rec.processor(clips)
@@ -108,3 +112,25 @@ def test_qlora_config_trains_stage2_on_a_4bit_llm_from_the_stage1_model(saved_pa
         expected = trained.score_labels(batch["input_ids"], batch["attention_mask"], batch["input_features"],
                                         rec.processor.label_candidates(), batch["feature_attention_mask"])
     torch.testing.assert_close(rec.score_batch(clips), expected.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_stage2_without_quantization_after_a_4bit_stage1_loads_the_llm_in_full_precision(saved_parts, tmp_path):
+    import bitsandbytes as bnb
+    from test_recipes import make_tone_corpus
+
+    from emoq.config import load_config
+    from emoq.training.setup import build_model_and_processor
+
+    corpus = make_tone_corpus(tmp_path / "corpus", {"train": 2, "dev": 1})
+    options = [f"data.root={corpus}", f"trainer.output_dir={tmp_path}", "model.tiny_random=false",
+               f"model.encoder={saved_parts / 'encoder'}", f"model.llm={saved_parts / 'llm'}"]
+    stage1, _ = build_model_and_processor(load_config(CONFIG, [*options, "model.quantization=4bit"]))
+    stage1.save_pretrained(tmp_path / "s1")
+    _.save_pretrained(tmp_path / "s1")
+    model, _ = build_model_and_processor(load_config(CONFIG, options), init_from=str(tmp_path / "s1"))
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    with pytest.raises(ValueError, match="must name the same LLM"):
+        other = tmp_path / "other_llm"
+        LlamaForCausalLM(tiny_llama_config(len(tiny_tokenizer()) + 1, hidden_size=64)).save_pretrained(other)
+        build_model_and_processor(load_config(CONFIG, [*options, f"model.llm={other}", "model.quantization=4bit"]),
+                                  init_from=str(tmp_path / "s1"))

@@ -18,6 +18,7 @@ LoRA is injected into the LLM at construction from `config.lora`, so a saved mod
 from __future__ import annotations
 
 import inspect
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,9 +54,11 @@ class EmoQOutput(ModelOutput):
     contrastive_features: torch.Tensor | None = None
 
 
-def load_language_model(llm: str, quantization: str = "none", dtype: torch.dtype | None = None):
+def load_language_model(llm: str, quantization: str = "none", dtype: torch.dtype | None = None,
+                        compute_dtype: torch.dtype | None = None):
     """The causal LLM from a hub id or folder; "4bit" (nf4, double quantisation) / "8bit" load it through
-    bitsandbytes and prepare it for k-bit training (QLoRA)."""
+    bitsandbytes and prepare it for k-bit training (QLoRA). `dtype`: the unquantized parts' dtype;
+    `compute_dtype`: 4-bit matmuls (default `dtype`, else bf16)."""
     llm_kwargs: dict = {"dtype": dtype} if dtype is not None else {}
     if quantization != "none":
         from transformers import BitsAndBytesConfig
@@ -65,7 +68,7 @@ def load_language_model(llm: str, quantization: str = "none", dtype: torch.dtype
                 load_in_4bit=True,
                 bnb_4bit_quant_type="nf4",
                 bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=dtype or torch.bfloat16,
+                bnb_4bit_compute_dtype=compute_dtype or dtype or torch.bfloat16,
             )
             if quantization == "4bit"
             else BitsAndBytesConfig(load_in_8bit=True)
@@ -87,6 +90,23 @@ def _shareable_cache_layers() -> tuple[type, ...]:
 
 
 _SHAREABLE_CACHE_LAYERS = _shareable_cache_layers()
+
+
+def _read_weights(folder: Path, wanted) -> dict[str, torch.Tensor]:
+    """The tensors of a `save_pretrained` folder whose names pass `wanted`, read one by one (single file or
+    sharded with an index), so a large LLM that is about to be replaced is never loaded."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+             if index.is_file() else ["model.safetensors"])
+    tensors = {}
+    for name in files:
+        with safe_open(folder / name, "pt") as f:
+            for key in f.keys():
+                if wanted(key):
+                    tensors[key] = f.get_tensor(key)
+    return tensors
 
 
 def _cache_kwarg(decoder: nn.Module) -> str:
@@ -113,7 +133,7 @@ class EmoQPreTrainedModel(PreTrainedModel):
     base_model_prefix = "emoq"
     main_input_name = "input_features"
     supports_gradient_checkpointing = True
-    _keep_in_fp32_modules = ["qformer"]
+    _keep_in_fp32_modules_strict = ["qformer"]  # strict: kept fp32 under bf16 loads too (design trap 6)
     _supports_sdpa = True
 
     def _init_weights(self, module):
@@ -230,36 +250,62 @@ class EmoQForConditionalGeneration(EmoQPreTrainedModel, GenerationMixin):
         return cls._around_llm(folder, llm, lora, quantization, dtype, with_lora_weights=False)
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, except for a folder trained with a 4-bit/8-bit LLM (QLoRA),
+        which goes through `from_quantized`: a plain load would quantize the speech side too."""
+        folder = Path(pretrained_model_name_or_path)
+        if (folder / "config.json").is_file():
+            text_config = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("text_config") or {}
+            if text_config.get("quantization_config"):
+                return cls.from_quantized(folder, dtype=kwargs.get("dtype"))
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @classmethod
     def from_quantized(cls, folder: str | Path, dtype: torch.dtype | None = None) -> EmoQForConditionalGeneration:
         """Reload a model trained with a 4-bit/8-bit LLM (QLoRA): the base LLM is quantized again from its
-        own reference (`text_config._name_or_path`), then the saved speech side and LoRA weights are
-        loaded — bitsandbytes' packed weights are never read back, so the result is exactly the trained
-        model (same quantization of the same base weights)."""
+        own reference (`text_config._name_or_path`, with the recorded bitsandbytes settings), then the saved
+        speech side and LoRA weights are loaded — bitsandbytes' packed weights are never read back, so
+        the result is exactly the trained model (same quantization of the same base weights)."""
         config = EmoQConfig.from_pretrained(folder)
         q = dict(config.text_config.quantization_config)
+        if q.get("quant_method", "bitsandbytes") != "bitsandbytes":
+            raise ValueError(f"{folder}: the LLM was quantized with {q['quant_method']}; emoq reloads "
+                             "bitsandbytes (QLoRA) models only")
         quantization = "4bit" if q.get("load_in_4bit") or q.get("_load_in_4bit") else "8bit"
         llm = getattr(config.text_config, "_name_or_path", None)
         if not llm:
             raise ValueError(f"{folder}: a quantized LLM was trained but its base model is not recorded "
                              "(text_config._name_or_path)")
-        return cls._around_llm(folder, llm, config.lora, quantization, dtype, with_lora_weights=True)
+        compute = q.get("bnb_4bit_compute_dtype")
+        compute = getattr(torch, compute.replace("torch.", ""), None) if isinstance(compute, str) else None
+        return cls._around_llm(folder, llm, config.lora, quantization, dtype, with_lora_weights=True,
+                               compute_dtype=compute)
 
     @classmethod
-    def _around_llm(cls, folder, llm: str, lora: dict | None, quantization: str, dtype, with_lora_weights: bool):
-        from safetensors.torch import load_file
+    def _around_llm(cls, folder, llm: str, lora: dict | None, quantization: str, dtype, with_lora_weights: bool,
+                    compute_dtype: torch.dtype | None = None):
+        from ..hub import resolve_model
 
         folder = Path(folder)
         config = EmoQConfig.from_pretrained(folder)
         config.lora = lora
-        language_model = load_language_model(llm, quantization, dtype)
+        try:
+            language_model = load_language_model(resolve_model(llm), quantization, dtype, compute_dtype)
+        except OSError as err:
+            raise ValueError(f"{folder}: cannot load its base LLM '{llm}' ({err}); it must be reachable (hub id "
+                             "or folder) to rebuild the model around it") from None
+        saved, loaded = config.text_config, language_model.config
+        for key in ("model_type", "hidden_size", "num_hidden_layers"):
+            if getattr(saved, key, None) != getattr(loaded, key, None):
+                raise ValueError(f"{folder} was trained with an LLM whose {key} is {getattr(saved, key, None)}, "
+                                 f"but '{llm}' has {getattr(loaded, key, None)}: model.llm must name the same LLM")
         model = cls(config, language_model=language_model)
         model.config.text_config = language_model.config
 
         def wanted(key: str) -> bool:
             return not key.startswith("language_model.") or (with_lora_weights and ".lora_" in key)
 
-        own = {k: v for k, v in load_file(folder / "model.safetensors").items() if wanted(k)}
-        missing, unexpected = model.load_state_dict(own, strict=False)
+        missing, unexpected = model.load_state_dict(_read_weights(folder, wanted), strict=False)
         missing = [k for k in missing if wanted(k)]
         if missing or unexpected:
             raise ValueError(f"{folder}: saved weights do not fit the model built from its config "

@@ -117,7 +117,7 @@ class PatamiaForEmotionClassification(BaselinePreTrainedModel):
     config_class = PatamiaConfig
     base_model_prefix = "patamia"
     _frozen_children = ("text_encoder",)
-    _keep_in_fp32_modules = ["fusion", "classifier", "contrastive_head", "mocap_encoder"]
+    _keep_in_fp32_modules_strict = ["fusion", "classifier", "contrastive_head", "mocap_encoder"]
 
     def __init__(
         self,

@@ -138,7 +138,7 @@ class QieemoForEmotionClassification(BaselinePreTrainedModel):
 
     config_class = QieemoConfig
     base_model_prefix = "qieemo"
-    _keep_in_fp32_modules = ["fusion", "ppg_head", "classifier", "contrastive_head"]
+    _keep_in_fp32_modules_strict = ["fusion", "ppg_head", "classifier", "contrastive_head"]
 
     def __init__(self, config: QieemoConfig, audio_encoder: nn.Module | None = None):
         super().__init__(config)

@@ -165,7 +165,9 @@ def _stage1_model(cfg: RunConfig, init_from: str):
     from ..models import EmoQConfig, EmoQForConditionalGeneration
 
     m, lora = cfg.model, _lora_dict(cfg)
-    if m.quantization == "none" and EmoQConfig.from_pretrained(init_from).lora == lora:
+    saved = EmoQConfig.from_pretrained(init_from)
+    saved_quantized = bool(getattr(saved.text_config, "quantization_config", None))
+    if m.quantization == "none" and not saved_quantized and saved.lora == lora:
         return EmoQForConditionalGeneration.from_pretrained(init_from)
     if m.tiny_random:
         raise ValueError("model.tiny_random: stage 2 cannot change model.quantization or model.lora from what "
