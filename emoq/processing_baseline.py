@@ -56,10 +56,11 @@ class BaselineProcessor:
         return BatchFeature(batch)
 
     def transcript_batch(self, transcripts: list[str | None]) -> dict:
-        """`text_input_ids` / `text_attention_mask` from the text encoder's tokenizer ({} when there is no
-        tokenizer or no transcript). A row without a transcript has an all-zero mask (the model's
-        learned "missing text" vector stands in for it)."""
-        if self.tokenizer is None or not any(transcripts):
+        """`text_input_ids` / `text_attention_mask` from the text encoder's tokenizer ({} without a
+        tokenizer). A row without a transcript has an all-zero mask (the model's learned "missing text"
+        vector stands in for it) — also when no row has one, so the text branch takes part in every
+        batch (DDP expects every trainable parameter in every step's graph)."""
+        if self.tokenizer is None:
             return {}
         ids = [
             self.tokenizer(t, truncation=True, max_length=self.max_text_tokens)["input_ids"] if t else []

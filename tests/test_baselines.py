@@ -67,9 +67,20 @@ def test_patamia_missing_text_is_the_learned_vector_and_wrong_modalities_are_err
         model(**features, mocap=torch.zeros(1, 5, 6))
     audio_only, audio_processor = tiny("patamia", with_text=False)
     with pytest.raises(ValueError, match="no text branch"):
-        audio_only(**features, text_input_ids=torch.ones(1, 3, dtype=torch.long))
+        audio_only(**audio_processor(clips[:1]), text_input_ids=torch.ones(1, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="no chat prompt"):
         audio_processor(clips[:1], with_prompt=True)
+
+
+def test_patamia_batch_without_any_transcript_still_runs_the_text_branch(clips):
+    """DDP needs every trainable parameter in every step's graph: a batch with no transcript at all still
+    goes through the text branch (all-zero mask -> the learned "missing" vector)."""
+    model, processor = tiny("patamia")
+    batch = processor(clips, transcripts=None)
+    assert batch["text_attention_mask"].sum() == 0 and batch["text_input_ids"].shape[0] == 3
+    model.train()
+    model(**batch, emotion_labels=torch.tensor([0, 1, 1])).loss.backward()
+    assert model.text_norm.weight.grad is not None and model.missing_text.grad.abs().sum() > 0
 
 
 def test_patamia_mocap_branch_ignores_padding_frames(clips):
@@ -199,6 +210,8 @@ def test_baseline_recipe_refuses_emoq_settings(corpus, tmp_path):
         recipe.setup(load_config(path, [f"data.root={corpus}", "stage1.cache_encoder_features=true"]))
     with pytest.raises(ValueError, match="not a baseline"):
         recipe.setup(load_config(path, [f"data.root={corpus}", "model.system=emoq"]))
+    with pytest.raises(ValueError, match="train it with `emoq run train_baseline`"):
+        load_recipe("stage1_qformer").setup(load_config(path, [f"data.root={corpus}"]))
 
 
 def test_export_names_the_baseline_instead_of_failing_deep_inside(trained, tmp_path):

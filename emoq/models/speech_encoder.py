@@ -94,8 +94,9 @@ class SpeechEncoder(nn.Module):
             if is_whisper(self.config):
                 hidden_states = self._whisper_hidden_states(input_features, feature_attention_mask)
             else:
+                dtype = next(self.encoder.parameters()).dtype  # a bf16 encoder takes bf16 waveforms
                 out = self.encoder(
-                    input_features, attention_mask=feature_attention_mask.long(), output_hidden_states=True
+                    input_features.to(dtype), attention_mask=feature_attention_mask.long(), output_hidden_states=True
                 )
                 hidden_states = list(out.hidden_states[:-1]) + [out.last_hidden_state]
         frames = self._select(hidden_states)

@@ -79,6 +79,9 @@ def build_model_and_processor(cfg: RunConfig, init_from: str | None = None):
 
     labels = list(get_label_set(cfg.data.label_set).labels)
     m = cfg.model
+    if m.system != "emoq":
+        raise ValueError(f"model.system={m.system!r}: this config is for a baseline; train it with "
+                         "`emoq run train_baseline` (stage1_qformer / stage2_llm build EmoQ)")
     if init_from:
         model = _stage1_model(cfg, init_from)
         processor = EmoQProcessor.from_pretrained(init_from)
