@@ -40,32 +40,38 @@ log = logging.getLogger("emoq.stage1")
 def cache_encoder_frames(model, processor, scan, cfg, accelerator) -> dict[str, torch.Tensor]:
     """Frozen-encoder frames per clip (valid frames only, so padding never leaks in), computed once and
     kept on disk in the stage's output folder, so later epochs — and a resumed or repeated run with the
-    same encoder, layers and clips — skip the encoder. Rank 0 writes the file; every rank reads it."""
+    same encoder, dtype, layers and clips — skip the encoder. A rank that finds no valid file computes
+    the frames itself (no rank waits at a barrier through a long encoder pass: that would hit the
+    process-group timeout); the main process stores them, atomically."""
     path = Path(cfg.stage1.output_dir) / "encoder_frames.safetensors"
+    encoder = model.speech_encoder
     fingerprint = json.dumps({
-        "encoder": cfg.model.encoder, "tiny_random": cfg.model.tiny_random, "seed": cfg.seed,
+        "encoder": cfg.model.encoder, "seed": cfg.seed if cfg.model.tiny_random else None,
+        "config": encoder.config.to_json_string(), "dtype": str(next(encoder.parameters()).dtype),
         "layers": cfg.model.encoder_layers, "max_seconds": cfg.data.max_seconds,
         "clips": sorted((u.key, str(u.audio), os.path.getsize(u.audio), os.path.getmtime(u.audio)) for u in scan.ok),
     }, sort_keys=True)
-    if accelerator.is_main_process and _stored_fingerprint(path) != fingerprint:
-        dataset = UtteranceDataset(scan.ok, model.config.label2id, cfg.data.max_seconds, use_transcript=False)
-        collate = EmoQCollator(processor, with_prompt=False)
-        frames_by_key = {}
-        model.speech_encoder.eval()
-        with torch.no_grad():
-            for start in range(0, len(dataset), cfg.trainer.eval_batch_size):
-                stop = min(start + cfg.trainer.eval_batch_size, len(dataset))
-                batch = collate([dataset[i] for i in range(start, stop)])
-                frames, mask = model.speech_encoder(batch["input_features"], batch["feature_attention_mask"])
-                for key, f, m in zip(batch["keys"], frames, mask):
-                    frames_by_key[key] = f[m].contiguous()
+    if _stored_fingerprint(path) == fingerprint:
+        return load_file(path)
+    dataset = UtteranceDataset(scan.ok, model.config.label2id, cfg.data.max_seconds, use_transcript=False)
+    collate = EmoQCollator(processor, with_prompt=False)
+    frames_by_key = {}
+    encoder.to(accelerator.device).eval()
+    with torch.no_grad():
+        for start in range(0, len(dataset), cfg.trainer.eval_batch_size):
+            stop = min(start + cfg.trainer.eval_batch_size, len(dataset))
+            batch = collate([dataset[i] for i in range(start, stop)])
+            frames, mask = encoder(batch["input_features"].to(accelerator.device),
+                                   batch["feature_attention_mask"].to(accelerator.device))
+            for key, f, m in zip(batch["keys"], frames, mask):
+                frames_by_key[key] = f[m].cpu().contiguous()
+    if accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         save_file(frames_by_key, tmp, metadata={"fingerprint": fingerprint})
         tmp.replace(path)  # atomic: a killed run never leaves a half-written cache behind
         log.info("encoder frames of %d clips cached in %s", len(frames_by_key), path)
-    accelerator.wait_for_everyone()
-    return load_file(path)
+    return frames_by_key
 
 
 def _stored_fingerprint(path: Path) -> str | None:

@@ -297,6 +297,8 @@ def test_manifest_round_trip_and_dataset(tmp_path, monkeypatch):
     path.write_text(path.read_text() + "\n")
     with pytest.raises(AssertionError, match="parsed again"):
         load_manifest_dataset(path, cache_dir=cache)
+    with pytest.raises(DatasetError, match="nope.jsonl: manifest not found"):
+        load_manifest_dataset(tmp_path / "nope.jsonl", cache_dir=cache)
 
 
 # --------------------------------------------------------------------------------- samplers

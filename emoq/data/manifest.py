@@ -171,31 +171,43 @@ def load_manifest_dataset(path, skip_errors: bool = True, label_set: str | Label
     ``$EMOQ_CACHE/datasets``), keyed by the manifests' bytes and locations and these arguments, and
     memory-mapped from there — a large manifest is parsed once, and ``.map()`` results are cached.
     """
+    import shutil
+
     import datasets
 
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    for p in paths:
+        if not Path(p).is_file():
+            raise DatasetError(f"{p}: manifest not found")
     labels = get_label_set(label_set) if label_set is not None else None
     folder = _dataset_cache_folder(paths, skip_errors, labels, cache_dir)
     if (folder / _SKIPPED_FILE).is_file():
         skipped = json.loads((folder / _SKIPPED_FILE).read_text(encoding="utf-8"))["skipped"]
+        dataset = datasets.load_from_disk(str(folder))
     else:
         dataset, skipped = _build_manifest_dataset(paths, skip_errors, labels)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        dataset.save_to_disk(str(tmp))
-        (tmp / _SKIPPED_FILE).write_text(json.dumps({"skipped": skipped}), encoding="utf-8")
+        tmp = None
         try:
-            tmp.rename(folder)  # atomic; a concurrent builder may have won, with identical content
-        except OSError:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+            dataset.save_to_disk(str(tmp))
+            (tmp / _SKIPPED_FILE).write_text(json.dumps({"skipped": skipped}), encoding="utf-8")
+            if not folder.exists():  # a concurrent builder may have won, with identical content
+                tmp.rename(folder)  # atomic
+            dataset = datasets.load_from_disk(str(folder))
+        except OSError as err:  # e.g. a read-only cache: the in-memory dataset still serves
+            logger.warning("%s: dataset cache not written (%s); using it in memory", folder, err)
+        finally:
+            if tmp is not None and tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     if skipped:
         logger.warning("%s: skipped %d row(s) with status 'error' (see the 'error' field in the manifest)",
                        ", ".join(map(str, paths)), skipped)
-    return datasets.load_from_disk(str(folder)), skipped
+    return dataset, skipped
 
 
 _SKIPPED_FILE = "emoq_skipped.json"
+_CACHE_FORMAT = 1  # bump when the columns or their meaning change: old cache entries are then ignored
 
 
 def _dataset_cache_folder(paths, skip_errors: bool, labels: LabelSet | None, cache_dir) -> Path:
@@ -206,10 +218,9 @@ def _dataset_cache_folder(paths, skip_errors: bool, labels: LabelSet | None, cac
     digest = hashlib.sha256()
     for p in paths:
         digest.update(str(Path(p).resolve()).encode() + b"\0" + Path(p).read_bytes() + b"\0")
-    digest.update(json.dumps([skip_errors, labels.name if labels else None,
-                              list(labels.labels) if labels else None]).encode())
+    label_spec = None if labels is None else [labels.name, list(labels.labels), sorted(labels.aliases.items())]
+    digest.update(json.dumps([_CACHE_FORMAT, skip_errors, label_spec]).encode())
     root = Path(cache_dir) if cache_dir is not None else emoq_cache() / "datasets"
-    root.mkdir(parents=True, exist_ok=True)
     return root / digest.hexdigest()[:32]
 
 
