@@ -102,6 +102,32 @@ def test_label_scores_with_sliding_window_attention_do_not_depend_on_batching(cl
         torch.testing.assert_close(alone[0], scores[i], atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["gemma2", "granite"])
+def test_label_scores_follow_the_llms_own_final_logits(clips, family):
+    """LLMs that transform logits after the LM head (Gemma 2 soft-capping, Granite scaling): label scores
+    equal the log-likelihood under the model's own `forward` logits."""
+    from transformers import Gemma2Config, GraniteConfig
+
+    from emoq.models.tiny import build_tiny, tiny_tokenizer
+
+    common = dict(vocab_size=len(tiny_tokenizer()), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    text_config = (Gemma2Config(**common, head_dim=12, final_logit_softcapping=0.5) if family == "gemma2"
+                   else GraniteConfig(**common, logits_scaling=4.0))
+    model, processor = build_tiny(["neutral", "joy", "anger"], text_config=text_config)
+    model.eval()
+    one = processor(clips[:1])
+    with torch.no_grad():
+        scores = _score(model, processor, one)[0]
+        embeds, _, _ = model.get_inputs_embeds(one["input_ids"], one["input_features"], one["feature_attention_mask"])
+        table, prompt = model.get_input_embeddings(), embeds.shape[1]
+        for label, cand in enumerate(processor.label_candidates()):
+            full = torch.cat([embeds[0], table(torch.tensor(cand))], 0)[None]
+            logp = model.language_model(inputs_embeds=full).logits[0].float().log_softmax(-1)
+            reference = sum(float(logp[prompt - 1 + j, t]) for j, t in enumerate(cand))
+            assert abs(float(scores[label]) - reference) < 1e-4, (family, label, float(scores[label]), reference)
+
+
 def test_window_queries_scale_with_duration(tiny, clips):
     model, processor = tiny(window_seconds=0.5)
     batch = _batch(processor, clips)

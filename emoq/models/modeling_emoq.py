@@ -109,6 +109,17 @@ def _read_weights(folder: Path, wanted) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _final_logits(config, logits: torch.Tensor) -> torch.Tensor:
+    """What some causal LMs apply after their LM head (so label scores are the model's own distribution):
+    Granite divides by `logits_scaling`, Cohere multiplies by `logit_scale`, Gemma 2/3 soft-cap."""
+    if getattr(config, "logits_scaling", None):
+        logits = logits / config.logits_scaling
+    if getattr(config, "logit_scale", None):
+        logits = logits * config.logit_scale
+    cap = getattr(config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 def _cache_kwarg(decoder: nn.Module) -> str:
     """Name under which the decoder's forward takes a KV cache: `cache` (transformers >= 5.24) or
     `past_key_values` (earlier 5.x)."""
@@ -581,7 +592,7 @@ class EmoQForConditionalGeneration(EmoQPreTrainedModel, GenerationMixin):
 
     def _answer_log_likelihoods(self, before: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Sum over each row's valid answer tokens of log p(token | hidden state before it): [rows]."""
-        logits = self.get_output_embeddings()(before[valid]).float()
+        logits = _final_logits(self.language_model.config, self.get_output_embeddings()(before[valid]).float())
         token_logp = logits.log_softmax(-1).gather(-1, targets[valid][:, None]).squeeze(-1)
         row_idx = torch.arange(valid.shape[0], device=valid.device)[:, None].expand_as(valid)[valid]
         return torch.zeros(valid.shape[0], device=valid.device).index_add_(0, row_idx, token_logp)
