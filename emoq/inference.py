@@ -60,9 +60,12 @@ class EmotionRecognizer:
             model = AutoModel.from_pretrained(folder, **load)
             return BaselineRecognizer(model, BaselineProcessor.from_pretrained(folder), device=device, **kwargs)
         from .models import EmoQForConditionalGeneration
+        from .models.modeling_emoq import is_quantized_folder
         from .processing_emoq import EmoQProcessor
 
-        model = EmoQForConditionalGeneration.from_pretrained(folder, **load)  # QLoRA folders: from_quantized
+        if is_quantized_folder(folder):  # QLoRA: the 4-bit LLM is placed on the target device when loaded
+            load["device_map"] = str(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        model = EmoQForConditionalGeneration.from_pretrained(folder, **load)
         return cls(model, EmoQProcessor.from_pretrained(folder), device=device, **kwargs)
 
     @cached_property

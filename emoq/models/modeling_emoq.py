@@ -55,10 +55,11 @@ class EmoQOutput(ModelOutput):
 
 
 def load_language_model(llm: str, quantization: str = "none", dtype: torch.dtype | None = None,
-                        compute_dtype: torch.dtype | None = None):
+                        compute_dtype: torch.dtype | None = None, device: str | torch.device | None = None):
     """The causal LLM from a hub id or folder; "4bit" (nf4, double quantisation) / "8bit" load it through
     bitsandbytes and prepare it for k-bit training (QLoRA). `dtype`: the unquantized parts' dtype;
-    `compute_dtype`: 4-bit matmuls (default `dtype`, else bf16)."""
+    `compute_dtype`: 4-bit matmuls (default `dtype`, else bf16); `device`: where quantized weights are
+    placed (bitsandbytes weights are not moved afterwards; default: the current CUDA device, else CPU)."""
     llm_kwargs: dict = {"dtype": dtype} if dtype is not None else {}
     if quantization != "none":
         from transformers import BitsAndBytesConfig
@@ -73,7 +74,14 @@ def load_language_model(llm: str, quantization: str = "none", dtype: torch.dtype
             if quantization == "4bit"
             else BitsAndBytesConfig(load_in_8bit=True)
         )
-        llm_kwargs["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
+        if device is None:
+            device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        elif not isinstance(device, int):
+            device = torch.device(device)
+            if device.type == "cuda" and device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
+            device = str(device)
+        llm_kwargs["device_map"] = {"": device}
     language_model = AutoModelForCausalLM.from_pretrained(llm, **llm_kwargs)
     if quantization != "none":
         from peft import prepare_model_for_kbit_training
@@ -90,6 +98,15 @@ def _shareable_cache_layers() -> tuple[type, ...]:
 
 
 _SHAREABLE_CACHE_LAYERS = _shareable_cache_layers()
+
+
+def is_quantized_folder(path) -> bool:
+    """Whether a saved EmoQ folder was trained with a bitsandbytes-quantized LLM (QLoRA)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    text_config = json.loads(config.read_text(encoding="utf-8")).get("text_config") or {}
+    return bool(text_config.get("quantization_config"))
 
 
 def _read_weights(folder: Path, wanted) -> dict[str, torch.Tensor]:
@@ -264,15 +281,15 @@ class EmoQForConditionalGeneration(EmoQPreTrainedModel, GenerationMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, except for a folder trained with a 4-bit/8-bit LLM (QLoRA),
         which goes through `from_quantized`: a plain load would quantize the speech side too."""
-        folder = Path(pretrained_model_name_or_path)
-        if (folder / "config.json").is_file():
-            text_config = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("text_config") or {}
-            if text_config.get("quantization_config"):
-                return cls.from_quantized(folder, dtype=kwargs.get("dtype"))
+        if is_quantized_folder(pretrained_model_name_or_path):
+            device = kwargs.get("device_map")
+            return cls.from_quantized(pretrained_model_name_or_path, dtype=kwargs.get("dtype"),
+                                      device=device if isinstance(device, str | torch.device | int) else None)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @classmethod
-    def from_quantized(cls, folder: str | Path, dtype: torch.dtype | None = None) -> EmoQForConditionalGeneration:
+    def from_quantized(cls, folder: str | Path, dtype: torch.dtype | None = None,
+                       device: str | torch.device | int | None = None) -> EmoQForConditionalGeneration:
         """Reload a model trained with a 4-bit/8-bit LLM (QLoRA): the base LLM is quantized again from its
         own reference (`text_config._name_or_path`, with the recorded bitsandbytes settings), then the saved
         speech side and LoRA weights are loaded — bitsandbytes' packed weights are never read back, so
@@ -290,18 +307,18 @@ class EmoQForConditionalGeneration(EmoQPreTrainedModel, GenerationMixin):
         compute = q.get("bnb_4bit_compute_dtype")
         compute = getattr(torch, compute.replace("torch.", ""), None) if isinstance(compute, str) else None
         return cls._around_llm(folder, llm, config.lora, quantization, dtype, with_lora_weights=True,
-                               compute_dtype=compute)
+                               compute_dtype=compute, device=device)
 
     @classmethod
     def _around_llm(cls, folder, llm: str, lora: dict | None, quantization: str, dtype, with_lora_weights: bool,
-                    compute_dtype: torch.dtype | None = None):
+                    compute_dtype: torch.dtype | None = None, device=None):
         from ..hub import resolve_model
 
         folder = Path(folder)
         config = EmoQConfig.from_pretrained(folder)
         config.lora = lora
         try:
-            language_model = load_language_model(resolve_model(llm), quantization, dtype, compute_dtype)
+            language_model = load_language_model(resolve_model(llm), quantization, dtype, compute_dtype, device)
         except OSError as err:
             raise ValueError(f"{folder}: cannot load its base LLM '{llm}' ({err}); it must be reachable (hub id "
                              "or folder) to rebuild the model around it") from None
