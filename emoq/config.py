@@ -89,6 +89,9 @@ class DataConfig:
     max_seconds: float | None = 20.0
     question: str = "What emotion does the speaker express?"
     use_transcript: bool = True
+    # Stage 2 answers "label<newline>rationale" where a manifest row has a `rationale` field (a short
+    # explanation); label scoring then scores "label<newline>". False: the answer is the label word.
+    rationale: bool = False
     num_workers: int = 0
     class_balanced: bool = False
 

@@ -96,6 +96,7 @@ class EmoQProcessor:
         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
         transcript_in_prompt: bool = True,
         max_transcript_tokens: int = 128,
+        rationale_separator: str | None = None,
     ):
         self.feature_extractor = feature_extractor
         self.tokenizer = tokenizer
@@ -110,6 +111,7 @@ class EmoQProcessor:
         self.frame_spec = frame_spec or {"kind": "whisper"}
         self.system_prompt = system_prompt
         self.transcript_in_prompt = transcript_in_prompt
+        self.rationale_separator = rationale_separator
         self.max_transcript_tokens = max_transcript_tokens
         self.sampling_rate = getattr(feature_extractor, "sampling_rate", 16000)
 
@@ -183,9 +185,29 @@ class EmoQProcessor:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def label_candidates(self) -> list[list[int]]:
-        """Token ids of each label's answer (label word + end of turn), in label order."""
+        """Token ids of each label's answer, in label order: label word + end of turn; or, for a model
+        trained with rationales (`rationale_separator`, answers "label<sep>rationale"), label word +
+        separator — the part of every trained answer that names the label."""
         msgs = self.messages()
-        return [self._ids(self.answer_suffix(msgs, label)) for label in self.labels]
+        if self.rationale_separator is None:
+            return [self._ids(self.answer_suffix(msgs, label)) for label in self.labels]
+        candidates = []
+        for label in self.labels:
+            head = label + self.rationale_separator
+            full = self.answer_suffix(msgs, head + "because of how it sounds.")
+            ids = self._ids(full[: full.index(head) + len(head)])
+            if self._ids(full)[: len(ids)] != ids:
+                raise ValueError(f"the tokenizer merges {self.rationale_separator!r} with the rationale after "
+                                 f"'{label}': choose another rationale separator")
+            candidates.append(ids)
+        return candidates
+
+    def answer_text(self, label: str, rationale: str | None = None) -> str:
+        """The assistant answer trained on: the label word, then the rationale when the processor has a
+        `rationale_separator` and the utterance has one."""
+        if rationale and self.rationale_separator is not None:
+            return f"{label}{self.rationale_separator}{rationale.strip()}"
+        return label
 
     # ------------------------------------------------------------------ batching
 
@@ -249,6 +271,7 @@ class EmoQProcessor:
             "frame_spec": self.frame_spec,
             "system_prompt": self.system_prompt,
             "transcript_in_prompt": self.transcript_in_prompt,
+            "rationale_separator": self.rationale_separator,
             "max_transcript_tokens": self.max_transcript_tokens,
         }
 

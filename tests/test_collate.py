@@ -136,3 +136,25 @@ def test_cached_frames_are_padded_with_matching_mask(processor):
         assert torch.equal(batch["encoder_frames"][i, : len(f)], f) and (batch["encoder_frames"][i, len(f):] == 0).all()
     with pytest.raises(ValueError, match="stage 1"):
         EmoQCollator(processor)(items)
+
+
+def test_rationale_answers_and_the_label_candidates_that_score_them(processor, tmp_path):
+    """data.rationale: the answer trained on is "label\\nrationale<eot>" (when the row has a rationale); label
+    scoring then scores "label\\n", which is exactly how every such answer starts, token for token."""
+    processor.rationale_separator = "\n"
+    items = _items()
+    items[0]["rationale"] = "The voice is calm and even."
+    batch = EmoQCollator(processor, with_answers=True)(items)
+    candidates = processor.label_candidates()
+    for i, item in enumerate(items):
+        answer = [t for t in batch["labels"][i].tolist() if t != -100]
+        text = processor.tokenizer.decode(answer)
+        if i == 0:
+            head = candidates[processor.labels.index(item["label"])]
+            assert text == f"{item['label']}\nThe voice is calm and even.<|im_end|>\n"
+            assert answer[: len(head)] == head  # the candidate is the answer's head
+            assert processor.tokenizer.decode(head) == f"{item['label']}\n"
+        else:  # no rationale on this row: the plain label answer
+            assert text == f"{item['label']}<|im_end|>\n"
+    processor.save_pretrained(tmp_path)
+    assert type(processor).from_pretrained(tmp_path).rationale_separator == "\n"

@@ -187,3 +187,30 @@ def test_sigkill_during_checkpoint_write_keeps_previous_checkpoint(corpus, tmp_p
     from emoq.models import EmoQForConditionalGeneration
 
     EmoQForConditionalGeneration.from_pretrained(out / "checkpoint-1" / "weights")
+
+
+def test_stage2_trains_on_rationales_from_a_manifest_and_scores_label_heads(corpus, tmp_path):
+    from emoq.data.meld import read_meld
+    from emoq.inference import EmotionRecognizer
+
+    why = {"neutral": "The pitch stays low and steady.", "joy": "The pitch is bright and high.",
+           "anger": "The pitch is very high and sharp."}
+    for split, name in (("train", "train"), ("dev", "dev")):
+        rows = [{"key": u.key, "audio": str(u.audio), "label": u.label, "rationale": why[u.label]}
+                for u in read_meld(corpus, split)]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = _cfg(corpus, tmp_path / "run", "data.dataset=manifest", f"data.train_manifest={tmp_path / 'train.jsonl'}",
+               f"data.eval_manifest={tmp_path / 'dev.jsonl'}", "data.rationale=true", "stage2.init_from=null",
+               "trainer.max_steps=3", "trainer.eval_every=100")
+    stage2 = load_recipe("stage2_llm")
+    ctx = stage2.setup(cfg)
+    batch = next(iter(ctx.loader))
+    answers = [ctx.processor.tokenizer.decode([t for t in row.tolist() if t != -100]) for row in batch["labels"]]
+    assert all("\nThe pitch" in a for a in answers), answers  # the rationale is part of the trained answer
+    result = stage2.train(ctx)
+    stage2.cleanup(ctx, result)
+    rec = EmotionRecognizer.from_pretrained(tmp_path / "run" / "stage2" / "final", device="cpu")
+    assert rec.processor.rationale_separator == "\n"
+    assert all(rec.processor.tokenizer.decode(c).endswith("\n") for c in rec.processor.label_candidates())
+    clip = next((corpus / "dev_splits_complete").glob("*.wav"))
+    assert rec.classify(str(clip))["label"] in why

@@ -74,6 +74,7 @@ class UtteranceDataset(Dataset):
             "label": u.label,
             "label_id": self.label2id[u.label] if u.label is not None else -100,
             "text": u.text if self.use_transcript else None,
+            "rationale": u.extra.get("rationale"),  # a free manifest field; trained on when data.rationale
         }
         if self.frame_cache is not None and u.key in self.frame_cache:
             item["frames"] = self.frame_cache[u.key]
@@ -102,7 +103,8 @@ class EmoQCollator:
                 [it["audio"] for it in items],
                 transcripts=texts,
                 questions=self.question,
-                answers=[it["label"] for it in items] if self.with_answers else None,
+                answers=[self.processor.answer_text(it["label"], it.get("rationale")) for it in items]
+                if self.with_answers else None,
                 padding_side=self.padding_side,
                 with_prompt=self.with_prompt,
             ))

@@ -102,6 +102,7 @@ def build_model_and_processor(cfg: RunConfig, init_from: str | None = None):
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_transcript = cfg.data.use_transcript and m.use_transcript
+    processor.rationale_separator = "\n" if cfg.data.rationale else None  # saved with the processor
     model.loss_weights = loss_weights(cfg)
     return model, processor
 
