@@ -229,7 +229,7 @@ class EmoQProcessor:
         if questions is None or isinstance(questions, str):
             questions = [questions] * n
         feats = [self.extract_features(a) for a in audios]
-        batch = self._pad_features(feats)
+        batch = pad_features(feats)
         batch.update(self.transcript_batch(transcripts))
         if with_prompt:
             seqs, labels = [], []
@@ -250,9 +250,6 @@ class EmoQProcessor:
             return {}
         ids = [self._ids(t or "")[: self.max_transcript_tokens] for t in transcripts]
         return self._pad_ids(ids, "right", "transcript_ids", "transcript_attention_mask")
-
-    def _pad_features(self, feats: list[np.ndarray]) -> dict:
-        return pad_features(feats)
 
     def _pad_ids(self, seqs, side, ids_key, mask_key, pad_value=None) -> dict:
         return pad_ids(seqs, self.tokenizer.pad_token_id if pad_value is None else pad_value, side, ids_key, mask_key)

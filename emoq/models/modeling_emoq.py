@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.utils import ModelOutput
 
 from ..losses import MALoss
@@ -90,14 +91,8 @@ def load_language_model(llm: str, quantization: str = "none", dtype: torch.dtype
     return language_model
 
 
-def _shareable_cache_layers() -> tuple[type, ...]:
-    """Cache layer types that hold only keys and values, so a prompt's cache can be repeated per label."""
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-
-    return DynamicLayer, DynamicSlidingWindowLayer
-
-
-_SHAREABLE_CACHE_LAYERS = _shareable_cache_layers()
+#: cache layer types that hold only keys and values, so a prompt's cache can be repeated per label
+_SHAREABLE_CACHE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
 
 
 def is_quantized_folder(path) -> bool:
@@ -275,7 +270,9 @@ class EmoQForConditionalGeneration(EmoQPreTrainedModel, GenerationMixin):
         bitsandbytes is what makes a QLoRA stage 2 possible (a plain `from_pretrained` of the stage-1
         folder would load the LLM in full precision).
         """
-        return cls._around_llm(folder, llm, lora, quantization, dtype, with_lora_weights=False)
+        config = EmoQConfig.from_pretrained(folder)
+        config.lora = lora
+        return cls._around_llm(folder, config, llm, quantization, dtype, with_lora_weights=False)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -306,17 +303,17 @@ class EmoQForConditionalGeneration(EmoQPreTrainedModel, GenerationMixin):
                              "(text_config._name_or_path)")
         compute = q.get("bnb_4bit_compute_dtype")
         compute = getattr(torch, compute.replace("torch.", ""), None) if isinstance(compute, str) else None
-        return cls._around_llm(folder, llm, config.lora, quantization, dtype, with_lora_weights=True,
+        return cls._around_llm(folder, config, llm, quantization, dtype, with_lora_weights=True,
                                compute_dtype=compute, device=device)
 
     @classmethod
-    def _around_llm(cls, folder, llm: str, lora: dict | None, quantization: str, dtype, with_lora_weights: bool,
+    def _around_llm(cls, folder, config: EmoQConfig, llm: str, quantization: str, dtype, with_lora_weights: bool,
                     compute_dtype: torch.dtype | None = None, device=None):
+        """The model of `config` (read from `folder`, LoRA as wanted) around the LLM `llm`, with the folder's
+        weights outside the LLM (and its LoRA weights when `with_lora_weights`)."""
         from ..hub import resolve_model
 
         folder = Path(folder)
-        config = EmoQConfig.from_pretrained(folder)
-        config.lora = lora
         try:
             language_model = load_language_model(resolve_model(llm), quantization, dtype, compute_dtype, device)
         except OSError as err:
