@@ -5,7 +5,7 @@
 - builds EmoQ with a Whisper-small-sized encoder and a Qwen2.5-0.5B-sized LLM (random weights,
   configs built in code), LoRA on the LLM, gradient checkpointing;
 - trains a few steps in bf16 autocast: the loss must stay finite, the EmoQ-Former must stay fp32
-  (design trap 6), LoRA-B must move and the frozen encoder must not;
+  (bf16 overflow in attention), LoRA-B must move and the frozen encoder must not;
 - measures training and label-scoring throughput on 3 s clips, and 3 s vs 30 s encoder cost;
 - with --qlora (needs bitsandbytes + CUDA): loads the LLM in 4-bit nf4 and repeats the step check.
 Prints one markdown table; `--size small` runs the same checks on CPU in seconds.
@@ -41,9 +41,10 @@ def configs(size: str, vocab: int):
 
 
 def build(size: str, device, quantization: str = "none"):
+    from emoq.models import EmoQProcessor
+
     from emoq.models import EmoQConfig, EmoQForConditionalGeneration
     from emoq.models.tiny import tiny_tokenizer, whisper_feature_extractor
-    from emoq.processing_emoq import EmoQProcessor
 
     tok = tiny_tokenizer()
     audio_cfg, text_cfg, qformer = configs(size, len(tok))

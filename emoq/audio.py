@@ -18,12 +18,13 @@ from __future__ import annotations
 import io
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from math import gcd
 from pathlib import Path
 
 import numpy as np
+
+from .files import atomic_open
 
 __all__ = [
     "SAMPLE_RATE",
@@ -175,17 +176,8 @@ def write_wav(path, audio: np.ndarray, sr: int = SAMPLE_RATE, subtype: str = "PC
     audio = np.asarray(audio, dtype=np.float32)
     if subtype.startswith("PCM"):
         audio = np.clip(audio, -1.0, 1.0)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            sf.write(f, audio, sr, subtype=subtype, format="WAV")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(path, "wb") as f:
+        sf.write(f, audio, sr, subtype=subtype, format="WAV")
     return path
 
 

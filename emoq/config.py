@@ -87,7 +87,6 @@ class DataConfig:
     # held-out session itself, as some papers do (a test-set leak; only for reproducing them).
     dev_fraction: float = 0.1
     max_seconds: float | None = 20.0
-    question: str = "What emotion does the speaker express?"
     use_transcript: bool = True
     # Stage 2 answers "label<newline>rationale" where a manifest row has a `rationale` field (a short
     # explanation); label scoring then scores "label<newline>". False: the answer is the label word.

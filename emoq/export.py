@@ -16,12 +16,13 @@ The folder is written next to its destination and renamed into place when comple
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
 import sys
 from pathlib import Path
+
+from .files import atomic_folder
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -173,7 +174,7 @@ def model_card(name: str, model, labels: list[str], bases: dict, merged: bool, l
         "import emoq.models  # registers the EmoQ classes with AutoConfig / AutoModel",
         "from transformers import AutoModel",
         "from emoq.audio import load_audio",
-        "from emoq.processing_emoq import EmoQProcessor",
+        "from emoq.models import EmoQProcessor",
         "",
         'model = AutoModel.from_pretrained("PATH").eval()',
         'processor = EmoQProcessor.from_pretrained("PATH")',
@@ -194,7 +195,7 @@ def model_card(name: str, model, labels: list[str], bases: dict, merged: bool, l
         lines.append("No evaluation metrics were given at export time (`emoq eval` writes them; "
                      "`emoq export --metrics metrics.json` puts them here).")
     else:
-        from .metrics import format_metrics_table
+        from .evaluation.metrics import format_metrics_table
 
         protocol = metrics.get("protocol") or {}
         if protocol:
@@ -238,8 +239,7 @@ def export_model(model_dir: str | Path, out: str | Path, merge: bool = False, me
     import torch
 
     from .inference import weights_folder
-    from .models import EmoQForConditionalGeneration
-    from .processing_emoq import EmoQProcessor
+    from .models import EmoQForConditionalGeneration, EmoQProcessor
 
     source = weights_folder(model_dir).resolve()
     model_type = json.loads((source / "config.json").read_text(encoding="utf-8")).get("model_type")
@@ -267,16 +267,11 @@ def export_model(model_dir: str | Path, out: str | Path, merge: bool = False, me
     if bases["llm"] and not getattr(model.language_model.config, "_name_or_path", None):
         model.language_model.config._name_or_path = bases["llm"]  # recorded in adapter_config.json
 
-    tmp = out.parent / f".{out.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        with torch.no_grad():
-            if merge and lora:
-                merge_lora(model)
-            elif lora:
-                model.save_adapter(tmp / "adapter")
+    with atomic_folder(out) as tmp, torch.no_grad():
+        if merge and lora:
+            merge_lora(model)
+        elif lora:
+            model.save_adapter(tmp / "adapter")
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         label_map = {"labels": labels, "id2label": {str(i): label for i, label in enumerate(labels)},
@@ -290,37 +285,4 @@ def export_model(model_dir: str | Path, out: str | Path, merge: bool = False, me
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
         card = model_card(out.name, model, labels, bases, merged=bool(merge and lora), lora=lora, metrics=metrics)
         (tmp / "README.md").write_text(card, encoding="utf-8")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.parent / f".{out.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
     return out
-
-
-def run_export(args) -> int:
-    out = export_model(args.model, args.out, merge=args.merge_lora, metrics_path=args.metrics, force=args.force)
-    files = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
-    print(f"exported {args.model} -> {out}{' (LoRA merged)' if args.merge_lora else ''}: {', '.join(files)}")
-    return 0
-
-
-def add_parser(subparsers):
-    p = subparsers.add_parser(
-        "export", help="write a self-contained Hugging Face folder with a model card (optionally LoRA merged)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--model", required=True, help="trained model folder (stage-2 'final' or its weights/)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--merge-lora", action="store_true", help="fold the LoRA weights into the LLM (no LoRA layers)")
-    p.add_argument("--metrics", default=None, help="metrics.json written by emoq eval (or its folder) for the card")
-    p.add_argument("--force", action="store_true", help="replace an existing, non-empty --out folder")
-    p.set_defaults(func=run_export)
-    return p

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import load_audio, load_audio_bytes, resample
+from .audio import SAMPLE_RATE, load_audio, load_audio_bytes, resample
 
 AudioInput = str | Path | bytes | np.ndarray | tuple
 BASELINE_MODEL_TYPES = ("qieemo", "patamia")
@@ -55,13 +55,12 @@ class EmotionRecognizer:
             from transformers import AutoModel
 
             from . import models  # noqa: F401  (registers the baselines with AutoModel)
-            from .processing_baseline import BaselineProcessor
+            from .models import BaselineProcessor
 
             model = AutoModel.from_pretrained(folder, **load)
             return BaselineRecognizer(model, BaselineProcessor.from_pretrained(folder), device=device, **kwargs)
-        from .models import EmoQForConditionalGeneration
-        from .models.modeling_emoq import is_quantized_folder
-        from .processing_emoq import EmoQProcessor
+        from .models import EmoQForConditionalGeneration, EmoQProcessor
+        from .models.emoq.modeling_emoq import is_quantized_folder
 
         if is_quantized_folder(folder):  # QLoRA: the 4-bit LLM is placed on the target device when loaded
             load["device_map"] = str(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
@@ -87,7 +86,7 @@ class EmotionRecognizer:
             array = array.mean(axis=0 if array.shape[0] < array.shape[1] else 1)
         if sample_rate is None:
             raise ValueError("an audio array needs its sample_rate")
-        return resample(array, sample_rate, 16000) if sample_rate != 16000 else array
+        return resample(array, sample_rate, SAMPLE_RATE) if sample_rate != SAMPLE_RATE else array
 
     def _inputs(self, batch) -> dict:
         return {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}

@@ -22,6 +22,7 @@ from functools import cached_property
 from types import MappingProxyType
 
 __all__ = [
+    "UNMAPPED",
     "LabelSet",
     "UnknownLabelError",
     "UnknownLabelSetError",
@@ -29,6 +30,11 @@ __all__ = [
     "get_label_set",
     "register_label_set",
 ]
+
+
+#: what stands for an answer that names no label of the set: a generated answer that maps to none, or a
+#: prediction outside the set (its own confusion-matrix column); scored as wrong, never dropped
+UNMAPPED = "<unmapped>"
 
 
 class UnknownLabelError(ValueError):

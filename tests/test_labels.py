@@ -1,4 +1,4 @@
-"""emoq.labels: fixed id orders, aliases, free-text mapping (trap 7) and protocol label sets."""
+"""emoq.labels: fixed id orders, aliases, free-text mapping and protocol label sets."""
 
 from __future__ import annotations
 

@@ -21,9 +21,10 @@ import uvicorn
 
 from emoq.cli import build_parser
 from emoq.cli import main as cli
+from emoq.cli.serve import run_serve
 from emoq.inference import EmotionRecognizer
 from emoq.models.tiny import build_tiny
-from emoq.serve import DEFAULT_QUESTION, create_app, run_serve, stripped
+from emoq.serve import create_app, stripped
 
 LABELS = ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"]
 MODEL = "emoq-tiny"
@@ -129,7 +130,7 @@ def test_chat_without_text_asks_the_default_question_about_the_latest_clip(clien
                         {"role": "assistant", "content": "neutral"}, *body["messages"]]
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
-    assert r.json()["choices"][0]["message"]["content"] == recognizer.chat(other, DEFAULT_QUESTION, max_new_tokens=6)
+    assert r.json()["choices"][0]["message"]["content"] == recognizer.chat(other, None, max_new_tokens=6)
     assert r.json()["emotion"]["scores"] == pytest.approx(recognizer.classify(other)["scores"], abs=1e-6)
 
 

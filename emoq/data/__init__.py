@@ -21,7 +21,9 @@ _LAZY = {
     "read_manifest": "manifest",
     "write_manifest": "manifest",
     "load_manifest_dataset": "manifest",
-    "build_demo_corpus": "demo",
+    "build_demo_corpus": "demo_corpus",
+    "read_split": "splits",
+    "held_out_for_dev": "splits",
     "LengthGroupedBatchSampler": "sampling",
     "ClassBalancedSampler": "sampling",
 }

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from ..audio import AudioError, load_audio
+from ..audio import SAMPLE_RATE, AudioError, load_audio
 from .records import Utterance
 
 
@@ -43,7 +43,7 @@ def scan_utterances(utts: Sequence[Utterance], max_seconds: float | None = None)
             errors.append((u.key, str(err)))
             continue
         ok.append(u)
-        durations.append(len(audio) / 16000.0)
+        durations.append(len(audio) / SAMPLE_RATE)
     return ScanResult(ok, durations, errors, unlabeled)
 
 

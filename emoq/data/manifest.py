@@ -18,11 +18,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import fields
 from pathlib import Path
 
+from ..files import atomic_folder, atomic_open
 from ..labels import LabelSet, UnknownLabelError, get_label_set
 from .records import DatasetError, Utterance, UtteranceList
 
@@ -135,25 +135,16 @@ def write_manifest(rows: Iterable, path, relative_paths: bool = True) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     base = path.resolve().parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for row in rows:
-                d = _row_dict(row)
-                audio = d.get("audio")
-                if relative_paths and audio:
-                    try:
-                        d["audio"] = Path(audio).resolve().relative_to(base).as_posix()
-                    except ValueError:
-                        pass  # outside the manifest folder: keep as given
-                f.write(json.dumps(d, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(path, "w") as f:
+        for row in rows:
+            d = _row_dict(row)
+            audio = d.get("audio")
+            if relative_paths and audio:
+                try:
+                    d["audio"] = Path(audio).resolve().relative_to(base).as_posix()
+                except ValueError:
+                    pass  # outside the manifest folder: keep as given
+            f.write(json.dumps(d, ensure_ascii=False) + "\n")
     return path
 
 
@@ -171,8 +162,6 @@ def load_manifest_dataset(path, skip_errors: bool = True, label_set: str | Label
     ``$EMOQ_CACHE/datasets``), keyed by the manifests' bytes and locations and these arguments, and
     memory-mapped from there — a large manifest is parsed once, and ``.map()`` results are cached.
     """
-    import shutil
-
     import datasets
 
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
@@ -186,20 +175,14 @@ def load_manifest_dataset(path, skip_errors: bool = True, label_set: str | Label
         dataset = datasets.load_from_disk(str(folder))
     else:
         dataset, skipped = _build_manifest_dataset(paths, skip_errors, labels)
-        tmp = None
         try:
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-            dataset.save_to_disk(str(tmp))
-            (tmp / _SKIPPED_FILE).write_text(json.dumps({"skipped": skipped}), encoding="utf-8")
-            if not folder.exists():  # a concurrent builder may have won, with identical content
-                tmp.rename(folder)  # atomic
+            # a concurrent builder may have won, with identical content: keep its folder
+            with atomic_folder(folder, keep_existing=True) as tmp:
+                dataset.save_to_disk(str(tmp))
+                (tmp / _SKIPPED_FILE).write_text(json.dumps({"skipped": skipped}), encoding="utf-8")
             dataset = datasets.load_from_disk(str(folder))
         except OSError as err:  # e.g. a read-only cache: the in-memory dataset still serves
             logger.warning("%s: dataset cache not written (%s); using it in memory", folder, err)
-        finally:
-            if tmp is not None and tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     if skipped:
         logger.warning("%s: skipped %d row(s) with status 'error' (see the 'error' field in the manifest)",
                        ", ".join(map(str, paths)), skipped)

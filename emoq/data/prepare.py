@@ -1,4 +1,4 @@
-"""``emoq prepare``: convert a corpus once into 16 kHz mono wavs + one JSONL manifest per split.
+"""Convert a corpus once into 16 kHz mono wavs + one JSONL manifest per split (the library side of `emoq prepare`).
 
     emoq prepare meld --root MELD.Raw --out data/meld16k --workers 4
     emoq prepare iemocap --root IEMOCAP_full_release --out data/iemocap16k [--protocol iemocap_patamia4]
@@ -28,28 +28,27 @@ What it guarantees:
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import multiprocessing
 import os
 import re
-import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..audio import SAMPLE_RATE
+from ..files import atomic_write_text
 from .records import DatasetError, Utterance
 
-__all__ = ["prepare", "PrepareReport", "add_parser", "run"]
+__all__ = ["prepare", "PrepareReport"]
 
 logger = logging.getLogger("emoq.data.prepare")
 
 DATASETS = ("meld", "iemocap", "manifest")
 STATE_FILE = ".emoq_prepare.json"
 _STATE_VERSION = 1
-_SAMPLE_RATE = 16000
 
 
 @dataclass
@@ -296,7 +295,7 @@ def prepare(
 
     by_split, excluded, notes = _gather(dataset, root, splits, label_set, protocol)
     out.mkdir(parents=True, exist_ok=True)
-    state = {"version": _STATE_VERSION, "sample_rate": _SAMPLE_RATE, "max_seconds": max_seconds,
+    state = {"version": _STATE_VERSION, "sample_rate": SAMPLE_RATE, "max_seconds": max_seconds,
              "min_seconds": min_seconds, "subtype": "PCM_16"}
     state_path = out / STATE_FILE
     reuse = not overwrite
@@ -309,7 +308,7 @@ def prepare(
             logger.warning("%s: settings changed since the last run (%s -> %s); decoding every clip again",
                            out, previous, state)
             reuse = False
-    state_path.write_text(json.dumps(state, indent=1) + "\n")
+    atomic_write_text(state_path, json.dumps(state, indent=1) + "\n")
 
     report = PrepareReport(dataset=dataset, out=out, excluded=excluded, warnings=notes)
     previous_rows = _previous_rows(out, by_split) if reuse else {}
@@ -331,7 +330,7 @@ def prepare(
             dst = out / "wav" / _safe(split) / f"{name}.wav"
             plan.append((u, dst))
             old = previous_rows.get(u.key, {})
-            duration = _valid_wav(dst, u.audio, _SAMPLE_RATE, min_seconds, max_seconds) if reuse and dst.is_file() else None
+            duration = _valid_wav(dst, u.audio, SAMPLE_RATE, min_seconds, max_seconds) if reuse and dst.is_file() else None
             if duration is not None:
                 reused[(split, i)] = {"status": "ok", "duration": duration, "truncated": bool(old.get("truncated", False)),
                                       "source_duration": old.get("source_duration")}
@@ -340,7 +339,7 @@ def prepare(
                 reused[(split, i)] = {"status": "error", "error": old.get("error")}  # same file, same failure
             else:
                 job_index[(split, i)] = len(jobs)
-                jobs.append((u.audio, str(dst), _SAMPLE_RATE, max_seconds, min_seconds))
+                jobs.append((u.audio, str(dst), SAMPLE_RATE, max_seconds, min_seconds))
         plans[split] = plan
 
     results = _run_jobs(jobs, workers, progress) if jobs else []
@@ -404,52 +403,3 @@ def _previous_rows(out: Path, plans) -> dict[str, dict]:
         except OSError:
             continue
     return rows
-
-
-# --------------------------------------------------------------------------- CLI hook
-def add_parser(subparsers):
-    """Register ``emoq prepare`` on an argparse subparsers object."""
-    p = subparsers.add_parser(
-        "prepare",
-        help="convert a corpus once to 16 kHz mono wavs + JSONL manifests (resumable, parallel)",
-        description="Convert a corpus once into 16 kHz mono wavs + one JSONL manifest per split. Every input "
-        "row gets a manifest line (bad media: status 'error' with a message naming the file); re-running "
-        "decodes only clips that are new or whose source changed (failed clips stay failed until then).",
-        epilog="Examples:\n  emoq prepare meld --root MELD.Raw --out data/meld16k --workers 4\n"
-        "  emoq prepare iemocap --root IEMOCAP_full_release --out data/iemocap16k\n"
-        "  emoq prepare manifest --root corpus.jsonl --out data/corpus16k",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("dataset", choices=DATASETS, help="corpus layout to read")
-    p.add_argument("--root", required=True, type=Path, help="corpus folder (manifest: a .jsonl file or a folder of them)")
-    p.add_argument("--out", required=True, type=Path, help="output folder for wav/ and <split>.jsonl")
-    p.add_argument("--split", action="append", dest="splits", metavar="NAME",
-                   help="only this split (repeatable): train/dev/test, Session1..Session5, or a manifest stem")
-    p.add_argument("--workers", type=int, default=2, help="decoding processes (default 2)")
-    p.add_argument("--max-seconds", type=float, default=None,
-                   help="truncate longer clips (listed in the summary); default keeps everything")
-    p.add_argument("--min-seconds", type=float, default=0.1, help="shorter clips are error rows (default 0.1)")
-    p.add_argument("--protocol", default="iemocap4", choices=("iemocap4", "iemocap_patamia4"),
-                   help="IEMOCAP protocol (default iemocap4: happy+excited merged, leave-one-session-out)")
-    p.add_argument("--label-set", default=None,
-                   help="MELD: meld7 (default) or meld_sentiment3; manifest: normalise labels through this set")
-    p.add_argument("--overwrite", action="store_true", help="decode every clip again")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
-    return p
-
-
-def run(args) -> int:
-    """``args.func`` of ``emoq prepare``: exit code 0 when at least one clip converted."""
-    try:
-        report = prepare(
-            args.dataset, args.root, args.out, splits=args.splits, workers=args.workers,
-            max_seconds=args.max_seconds, min_seconds=args.min_seconds, label_set=args.label_set,
-            protocol=args.protocol, overwrite=args.overwrite, progress=False if args.no_progress else None,
-        )
-    except (DatasetError, ValueError, KeyError) as exc:
-        print(f"emoq prepare: error: {exc}", file=sys.stderr)
-        return 2
-    if report.exit_code:
-        print("emoq prepare: no clip could be converted", file=sys.stderr)
-    return report.exit_code

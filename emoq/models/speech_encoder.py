@@ -12,16 +12,51 @@ the per-clip result (bs=1 == bs=N), which stock Whisper does not.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, WhisperModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from .configuration_emoq import audio_hidden_size
+from ..audio import SAMPLE_RATE
+from .emoq.configuration_emoq import audio_hidden_size
 
 
 def is_whisper(config: PreTrainedConfig) -> bool:
     return config.model_type == "whisper"
+
+
+def frame_spec_of(audio_config: PreTrainedConfig) -> dict:
+    """How encoder frames follow from input length, as plain data (saved with the processor):
+    {"kind": "whisper"} (log-mel in, one frame per two mel steps) or {"kind": "conv", "kernels": [...],
+    "strides": [...]} (waveform in, the wav2vec2 family's feature convolutions and adapter layers)."""
+    if is_whisper(audio_config):
+        return {"kind": "whisper"}
+    kernels, strides = list(audio_config.conv_kernel), list(audio_config.conv_stride)
+    if getattr(audio_config, "add_adapter", False):
+        kernels += [1] * audio_config.num_adapter_layers
+        strides += [audio_config.adapter_stride] * audio_config.num_adapter_layers
+    return {"kind": "conv", "kernels": kernels, "strides": strides}
+
+
+def encoder_output_length(frame_spec: dict, input_length):
+    """Encoder frames for an input of `input_length` mel steps (Whisper) or samples (an int or a tensor of
+    them). The processor counts placeholders with it and the encoder masks frames with it, so the two can
+    never disagree about how many query states a clip gets."""
+    if frame_spec["kind"] == "whisper":
+        return (input_length - 1) // 2 + 1
+    length = input_length
+    for kernel, stride in zip(frame_spec["kernels"], frame_spec["strides"]):
+        length = (length - kernel) // stride + 1
+    return length.clamp(min=0) if isinstance(length, torch.Tensor) else max(length, 0)
+
+
+def frames_per_second(frame_spec: dict) -> float:
+    """Encoder frames per second of audio at SAMPLE_RATE (50 for Whisper and the wav2vec2 family)."""
+    if frame_spec["kind"] == "whisper":
+        return 50.0  # 100 mel steps per second, halved by the second convolution
+    return SAMPLE_RATE / math.prod(frame_spec["strides"])
 
 
 def build_audio_encoder(config: PreTrainedConfig) -> nn.Module:
@@ -50,6 +85,7 @@ class SpeechEncoder(nn.Module):
     def __init__(self, config: PreTrainedConfig, layers: list[int] | None = None, frozen: bool = True):
         super().__init__()
         self.config = config
+        self.frame_spec = frame_spec_of(config)
         self.encoder = build_audio_encoder(config)
         self.layers = list(layers or [])
         self.layer_weights = nn.Parameter(torch.zeros(len(self.layers))) if len(self.layers) > 1 else None
@@ -63,13 +99,7 @@ class SpeechEncoder(nn.Module):
 
     @property
     def frames_per_second(self) -> float:
-        """Encoder output frames per second of 16 kHz audio (50 for Whisper and the wav2vec2 family)."""
-        if is_whisper(self.config):
-            return 50.0
-        stride = 1
-        for s in getattr(self.config, "conv_stride", [320]):
-            stride *= s
-        return 16000.0 / stride
+        return frames_per_second(self.frame_spec)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -79,9 +109,7 @@ class SpeechEncoder(nn.Module):
 
     def output_lengths(self, input_lengths: torch.Tensor) -> torch.Tensor:
         """Number of valid encoder frames for inputs of `input_lengths` (mel frames or samples)."""
-        if is_whisper(self.config):
-            return (input_lengths - 1) // 2 + 1
-        return self.encoder._get_feat_extract_output_lengths(input_lengths).long()
+        return encoder_output_length(self.frame_spec, input_lengths.long())
 
     def forward(self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor | None = None):
         """Returns (frames [B, T, H], frame_mask [B, T] bool)."""
@@ -114,7 +142,7 @@ class SpeechEncoder(nn.Module):
 
     def _whisper_hidden_states(self, mel: torch.Tensor, mel_mask: torch.Tensor) -> list[torch.Tensor]:
         enc: WhisperEncoder = self.encoder
-        n_frames = (mel.shape[-1] - 1) // 2 + 1
+        n_frames = encoder_output_length(self.frame_spec, mel.shape[-1])
         if n_frames > enc.embed_positions.num_embeddings:
             raise ValueError(
                 f"audio too long for this Whisper encoder: {mel.shape[-1]} mel frames > "

@@ -11,7 +11,8 @@ from functools import lru_cache
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, PreTrainedTokenizerFast, WhisperConfig, WhisperFeatureExtractor
 
-from .configuration_emoq import PLACEHOLDER_TOKEN
+from ..audio import SAMPLE_RATE
+from .emoq.configuration_emoq import PLACEHOLDER_TOKEN
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
@@ -74,7 +75,7 @@ def tiny_qformer_config(**overrides) -> dict:
 
 def whisper_feature_extractor() -> WhisperFeatureExtractor:
     """Whisper's log-mel front end (80 bins, 16 kHz); needs no download."""
-    return WhisperFeatureExtractor(feature_size=80, sampling_rate=16000)
+    return WhisperFeatureExtractor(feature_size=80, sampling_rate=SAMPLE_RATE)
 
 
 __all__ = [
@@ -121,16 +122,16 @@ def build_tiny(
     import torch
     from transformers import Wav2Vec2FeatureExtractor
 
-    from ..processing_emoq import EmoQProcessor
-    from .configuration_emoq import EmoQConfig
-    from .modeling_emoq import EmoQForConditionalGeneration
+    from .emoq.configuration_emoq import EmoQConfig
+    from .emoq.modeling_emoq import EmoQForConditionalGeneration
+    from .emoq.processing_emoq import EmoQProcessor
 
     tok = tiny_tokenizer()
     if encoder == "whisper":
         audio_config, fe = tiny_whisper_config(), whisper_feature_extractor()
     else:
         audio_config = tiny_ssl_config(encoder)
-        fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, do_normalize=True, return_attention_mask=True)
+        fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, do_normalize=True, return_attention_mask=True)
     processor = EmoQProcessor.for_encoder(
         fe, tok, labels, audio_config, num_query_tokens=num_query_tokens, window_seconds=window_seconds
     )
@@ -176,9 +177,9 @@ def build_tiny_baseline(system: str, labels: list[str], seed: int = 0, with_text
     import torch
     from transformers import Wav2Vec2FeatureExtractor
 
-    from ..processing_baseline import BaselineProcessor
-    from .patamia import PatamiaConfig, PatamiaForEmotionClassification
-    from .qieemo import QieemoConfig, QieemoForEmotionClassification
+    from .baselines.patamia import PatamiaConfig, PatamiaForEmotionClassification
+    from .baselines.processing_baseline import BaselineProcessor
+    from .baselines.qieemo import QieemoConfig, QieemoForEmotionClassification
 
     id2label = dict(enumerate(labels))
     label2id = {label: i for i, label in enumerate(labels)}
@@ -195,7 +196,7 @@ def build_tiny_baseline(system: str, labels: list[str], seed: int = 0, with_text
         config = PatamiaConfig(audio_config=audio_config, text_config=tiny_bert_config(len(tok)) if tok else None,
                                id2label=id2label, label2id=label2id, fusion_hidden_size=32, contrastive_dim=16)
         model = PatamiaForEmotionClassification(config)
-        fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, do_normalize=True, return_attention_mask=True)
+        fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, do_normalize=True, return_attention_mask=True)
         processor = BaselineProcessor.for_encoder(fe, labels, audio_config, tokenizer=tok)
     else:
         raise ValueError(f"unknown baseline system {system!r}; choose qieemo or patamia")

@@ -9,7 +9,7 @@ Layout of one checkpoint folder:
 Atomicity: everything is written into `.NAME.tmp` and renamed into place only when complete, so a
 process killed mid-write (even SIGKILL) leaves the previous checkpoint intact and loadable.
 Under ZeRO-3 the weights come from `accelerator.get_state_dict`, which gathers the partitioned
-parameters (design trap 3: saving LoRA from partitioned parameters writes empty adapters).
+parameters (saving LoRA from partitioned parameters would write empty adapters).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 from ..config import save_config
+from ..files import swap_in
 
 STATE_FILE = "trainer_state.json"
 
@@ -45,21 +46,9 @@ def save_checkpoint(accelerator, model, processor, path: Path, trainer_state: di
         if run_config is not None:
             save_config(run_config, weights / "run_config.yaml")
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2), encoding="utf-8")
-        _replace(tmp, path)
+        swap_in(tmp, path)
     accelerator.wait_for_everyone()
     return path
-
-
-def _replace(tmp: Path, path: Path) -> None:
-    """Move the finished `tmp` folder to `path`; an old `path` is moved aside first, then deleted."""
-    old = path.parent / f".{path.name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def is_complete(path: Path) -> bool:

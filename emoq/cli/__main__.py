@@ -1,0 +1,7 @@
+"""`python -m emoq.cli ...`: the same as the `emoq` command (what `accelerate launch -m` runs)."""
+
+import sys
+
+from .main import main
+
+sys.exit(main())

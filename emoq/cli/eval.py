@@ -1,0 +1,88 @@
+"""`emoq eval`: batch evaluation with every input row accounted for, and the protocol written down.
+
+Writes into --out:
+  predictions.jsonl     one line per input row (errors included): key, gold, pred, scores, status, error
+  metrics.json          WA/UA/weighted F1/macro F1/per-class/confusion + ok/error counts + protocol
+  confusion_matrix.png  row-normalised confusion matrix
+  report.md             a readable summary
+Rows whose audio cannot be loaded are reported with status "error" and excluded from the metrics;
+the count is printed next to the headline. `--mode generate` maps free text onto the label set
+through aliases and counts unmappable answers (they score as wrong, never dropped).
+
+Under `accelerate launch` / `torchrun` with N processes, rank r scores rows r, r+N, r+2N, ... on its
+own device; the records are gathered on rank 0, which alone writes the outputs, rows in input order
+(on CPU: `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N -m emoq.cli eval ...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..data.splits import DATASETS
+from ..evaluation.runner import MODES
+
+
+def run_eval(args) -> int:
+    import yaml
+
+    from ..data.splits import DEFAULT_LABEL_SETS, read_split, split_source
+    from ..evaluation.report import eval_record, protocol, summarise, write_outputs
+    from ..evaluation.runner import Row, distributed_state, rank_device, score_rows_sharded
+    from ..inference import EmotionRecognizer, weights_folder
+    from ..labels import get_label_set
+
+    dataset = "manifest" if args.manifest else args.dataset
+    state = distributed_state(args.device)
+    is_main = state is None or state.is_main_process
+    recognizer = EmotionRecognizer.from_pretrained(args.model, device=rank_device(state, args.device))
+    if args.mode == "generate" and not recognizer.can_chat:
+        sys.exit(f"emoq eval: {args.model}: {recognizer.no_chat_message()}")
+    labels = recognizer.labels  # the trained order (id2label in the saved config), never re-derived
+    rows = read_split(dataset, args.split, root=args.root, manifest=args.manifest, label_set=args.label_set,
+                      fold=args.fold)
+    label_set = get_label_set(args.label_set or DEFAULT_LABEL_SETS.get(dataset, "meld7"))
+    results = score_rows_sharded(recognizer, [Row.from_utterance(u) for u in rows], state, mode=args.mode,
+                                 batch_size=args.batch_size, label_set=label_set)
+    records = [eval_record(r) for r in results]
+    run_config = weights_folder(args.model) / "run_config.yaml"
+    trained_with = yaml.safe_load(run_config.read_text(encoding="utf-8")) if run_config.is_file() else {}
+    metrics = summarise(records, labels, protocol(
+        source=split_source(dataset, args.split, manifest=args.manifest, fold=args.fold), labels=labels,
+        mode=args.mode, model=str(args.model), num_processes=state.num_processes if state is not None else 1,
+        run_config=run_config if run_config.is_file() else None, seed=trained_with.get("seed"),
+    ))
+    if state is not None:
+        state.destroy_process_group()  # every rank holds every record now; no more collectives
+    if not is_main:
+        return 0 if metrics["rows_ok"] else 1
+    out = Path(args.out)
+    write_outputs(out, records, metrics, labels)
+    headline = metrics.get("weighted_f1")
+    print(f"weighted F1 = {headline:.4f}  accuracy = {metrics['accuracy']:.4f}  (scored {metrics['rows_ok']}/"
+          f"{metrics['rows_total']} rows, {metrics['rows_error']} errors)" if headline is not None
+          else f"nothing could be scored ({metrics['rows_error']} errors)")
+    print(f"wrote {out}/predictions.jsonl, metrics.json, confusion_matrix.png, report.md")
+    return 0 if metrics["rows_ok"] else 1
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        "eval", help="evaluate a model on MELD / IEMOCAP / a manifest (every row reported)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="trained model folder (stage-2 'final' or its weights/)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", choices=[d for d in DATASETS if d != "manifest"])
+    src.add_argument("--manifest", help="JSONL manifest (e.g. written by emoq prepare)")
+    p.add_argument("--root", help="corpus root (with --dataset)")
+    p.add_argument("--split", default="test", help="split: train, dev or test (default test; IEMOCAP test = --fold)")
+    p.add_argument("--fold", type=int, default=5, help="IEMOCAP held-out session (default 5)")
+    p.add_argument("--label-set", default=None, help="label set of the data (default: the dataset's)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--mode", choices=MODES, default="score")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=run_eval)
+    return p

@@ -1,0 +1,60 @@
+"""`emoq`: the parser that gathers every subcommand, and the entry point.
+
+Each subcommand lives in its own module under `emoq.cli` and exposes `add_parser(subparsers)`; those
+modules keep their heavy imports (torch, transformers) inside functions so building the parser stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import catalog
+
+# subcommand -> module of emoq.cli exposing add_parser(subparsers)
+SUBCOMMANDS = {
+    "run": "run",
+    "prepare": "prepare",
+    "eval": "eval",
+    "predict": "predict",
+    "chat": "chat",
+    "export": "export",
+    "serve": "serve",
+    "demo": "demo",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="emoq",
+        description="emoq: speech emotion recognition with an EmoQ-Former and a LoRA-tuned LLM.",
+        epilog="Examples:\n  emoq ls\n  emoq run stage1_qformer --config emoq/demo_cpu trainer.max_steps=2\n"
+        "  emoq run stage2_llm --config emoq/demo_cpu --nproc 2 --accelerate-config zero2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    catalog.add_parsers(sub)
+    for name, module in SUBCOMMANDS.items():
+        try:
+            importlib.import_module(f"{__package__}.{module}").add_parser(sub)
+        except ImportError as err:  # an optional dependency missing must not break the other commands
+            p = sub.add_parser(name, help=f"(unavailable: {err})")
+            p.set_defaults(func=lambda args, err=err: sys.exit(f"emoq: {err}"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # `run RECIPE --config C k=v`: argparse binds the (empty) overrides at RECIPE, so the k=v after an
+    # option arrive as unknown arguments; collect them in order, and reject anything that is not k=v
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if getattr(args, "command", None) != "run" or any("=" not in a or a.startswith("-") for a in unknown):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides = [*args.overrides, *unknown]
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

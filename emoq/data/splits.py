@@ -1,0 +1,67 @@
+"""The one place that turns (dataset, split) into utterances, for training, `emoq eval` and `emoq predict`.
+
+MELD has official train / dev / test CSVs; a manifest is one JSONL file per split; IEMOCAP is
+leave-one-session-out: `test` is the held-out session `fold`, and `dev` is carved out of the training
+sessions by a hash of the key (`dev_fraction`), so model selection never looks at the test session
+(`dev_fraction=0` selects on the held-out session, as some papers do: a test-set leak, only for
+reproducing them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from .records import DatasetError, UtteranceList
+
+DATASETS = ("meld", "iemocap", "manifest")
+#: the label set a dataset is read with when none is named
+DEFAULT_LABEL_SETS = {"meld": "meld7", "iemocap": "iemocap4"}
+
+
+def read_split(dataset: str, split: str, *, root: str | Path | None = None, manifest: str | Path | None = None,
+               label_set: str | None = None, fold: int = 5, dev_fraction: float = 0.1) -> UtteranceList:
+    """Every utterance of `split` ('train', 'dev', 'test') of `dataset`, in corpus order, none filtered out
+    (rows whose audio is unusable are there, for the caller to report)."""
+    label_set = label_set or DEFAULT_LABEL_SETS.get(dataset)
+    if dataset == "manifest":
+        from .manifest import read_manifest
+
+        if not manifest:
+            raise DatasetError(f"dataset manifest: no manifest file given for split '{split}'")
+        return read_manifest(manifest, label_set=label_set)
+    if not root:
+        raise DatasetError(f"dataset {dataset}: no corpus root folder given")
+    if dataset == "meld":
+        from .meld import read_meld
+
+        return read_meld(root, split, label_set=label_set)
+    if dataset != "iemocap":
+        raise DatasetError(f"unknown dataset '{dataset}' (known: {', '.join(DATASETS)})")
+    from .iemocap import read_iemocap
+
+    utterances = read_iemocap(root, protocol=label_set)
+    test_session = f"Session{fold}"
+    if split == "test" or (split == "dev" and dev_fraction == 0):
+        chosen = [u for u in utterances if u.split == test_session]
+    else:
+        chosen = [u for u in utterances if u.split != test_session
+                  and held_out_for_dev(u.key, dev_fraction) == (split == "dev")]
+    return UtteranceList(chosen, source=utterances.source, excluded=utterances.excluded,
+                         warnings=utterances.warnings)
+
+
+def split_source(dataset: str, split: str, *, manifest: str | Path | None = None, fold: int = 5) -> str:
+    """How a results file names what was read: 'meld:test', 'iemocap:Session5', 'manifest:PATH'."""
+    if dataset == "manifest":
+        return f"manifest:{manifest}"
+    if dataset == "iemocap" and split == "test":
+        return f"iemocap:Session{fold}"
+    return f"{dataset}:{split}"
+
+
+def held_out_for_dev(key: str, fraction: float) -> bool:
+    """Whether utterance `key` belongs to the dev part carved out of a corpus' training data: decided by
+    a hash of the key alone, so every run, process and Python gets the same split."""
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction

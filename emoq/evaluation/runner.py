@@ -1,0 +1,146 @@
+"""One row scorer for `emoq eval` and `emoq predict`: every input gets a result, in input order.
+
+A row whose audio cannot be loaded (missing, empty, not audio, a manifest row whose conversion failed)
+becomes a result with status "error" and a message naming the file; it is never dropped. Rows are
+loaded and scored a chunk at a time, so memory stays bounded on long lists, and results do not depend
+on the chunking because `classify_batch` and `chat_batch` are batch invariant.
+
+Under `accelerate launch` / `torchrun` with N processes, rank r scores rows r, r+N, r+2N, ... on its own
+device and every rank gets all results back, in input order (`score_rows_sharded`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from ..labels import UNMAPPED, LabelSet
+
+MODES = ("score", "generate")
+
+
+@dataclass
+class Row:
+    """One thing to classify: what the user named (`input`), where its audio is, an optional transcript and
+    gold label, and an error already known before loading (a manifest row whose conversion failed)."""
+
+    input: str
+    audio: str | None
+    key: str | None = None
+    text: str | None = None
+    gold: str | None = None
+    error: str | None = None
+
+    @classmethod
+    def from_utterance(cls, u) -> Row:
+        error = None
+        if u.extra.get("status") == "error" or u.audio is None:
+            error = u.extra.get("error") or f"{u.key}: no audio"
+        return cls(input=str(u.audio) if u.audio is not None else u.key, audio=u.audio, key=u.key, text=u.text,
+                   gold=u.label, error=error)
+
+
+@dataclass
+class RowResult:
+    """The outcome for one row: a label and its scores (mode "score"), or a generated answer and the label
+    it maps to (mode "generate", UNMAPPED when it names none); or status "error" and why."""
+
+    row: Row
+    status: str = "ok"
+    error: str | None = None
+    label: str | None = None
+    scores: dict | None = None
+    answer: str | None = None
+
+
+def map_answer(answer: str | None, label_set: LabelSet | None) -> str:
+    """A generated answer as a label of `label_set` (through its aliases), or UNMAPPED."""
+    mapped = label_set.parse_free_text(answer) if label_set is not None else None
+    return mapped or UNMAPPED
+
+
+def score_rows(recognizer, rows: Sequence[Row], mode: str = "score", batch_size: int = 8,
+               label_set: LabelSet | None = None, chunk_size: int | None = None) -> Iterator[RowResult]:
+    """Yield one RowResult per row, in input order. Mode "score" ranks the labels (`classify_batch`);
+    "generate" asks the model's default question and maps the free answer through `label_set`."""
+    from ..audio import AudioError
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    chunk_size = chunk_size or max(8 * batch_size, 64)
+    for start in range(0, len(rows), chunk_size):
+        results, loaded, clips = [], [], []
+        for row in rows[start : start + chunk_size]:
+            result = RowResult(row)
+            if row.error is not None:
+                result.status, result.error = "error", row.error
+            else:
+                try:
+                    clips.append(recognizer.load(row.audio))
+                    loaded.append(result)
+                except AudioError as err:
+                    result.status, result.error = "error", str(err)
+            results.append(result)
+        if clips:
+            texts = [r.row.text for r in loaded] if recognizer.use_transcript else None
+            if mode == "score":
+                for result, scored in zip(loaded, recognizer.classify_batch(clips, texts, batch_size=batch_size)):
+                    result.label, result.scores = scored["label"], scored["scores"]
+            else:
+                _answer_rows(recognizer, loaded, clips, texts, batch_size, label_set)
+        yield from results
+
+
+def _answer_rows(recognizer, results: list[RowResult], clips, texts, batch_size: int, label_set) -> None:
+    """Generated answers for `results` (clips of similar length batched together), mapped onto labels."""
+    question = recognizer.processor.default_question()
+    order = sorted(range(len(clips)), key=lambda j: len(clips[j]))
+    for start in range(0, len(order), batch_size):
+        part = order[start : start + batch_size]
+        answers = recognizer.chat_batch([clips[j] for j in part], [question] * len(part),
+                                        [texts[j] for j in part] if texts else None, max_new_tokens=16)
+        for j, answer in zip(part, answers):
+            results[j].answer, results[j].label = answer, map_answer(answer, label_set)
+
+
+def distributed_state(device: str | None):
+    """accelerate's PartialState when launched with several processes (accelerate launch, torchrun,
+    mpirun), else None: a single process never touches torch.distributed. Ranks use gloo on the CPU
+    (no CUDA, ACCELERATE_USE_CPU=true or --device cpu), the accelerator's default backend otherwise."""
+    from accelerate.utils import get_int_from_env, parse_flag_from_env
+
+    if get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    cpu = (parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+           or (device is not None and torch.device(device).type == "cpu"))
+    return PartialState(cpu=cpu, **({"backend": "gloo"} if cpu else {}))
+
+
+def rank_device(state, device: str | None):
+    """This rank's device: `device` if it names one exactly (e.g. cpu, cuda:1), else the rank's own."""
+    import torch
+
+    if state is None or (device is not None and (torch.device(device).type == "cpu" or ":" in device)):
+        return device
+    return "cpu" if state.device.type == "cpu" else str(state.device)
+
+
+def score_rows_sharded(recognizer, rows: Sequence[Row], state, **kwargs) -> list[RowResult]:
+    """`score_rows` over the ranks of `state` (None: this process alone): rank r scores rows r, r+N, ...;
+    every rank gets all results back, in input order."""
+    if state is None or state.num_processes == 1:
+        return list(score_rows(recognizer, rows, **kwargs))
+    from accelerate.utils import gather_object
+
+    mine = list(range(state.process_index, len(rows), state.num_processes))
+    results = score_rows(recognizer, [rows[i] for i in mine], **kwargs)
+    gathered = gather_object(list(zip(mine, results)))
+    by_index = dict(gathered)
+    if len(gathered) != len(rows) or sorted(by_index) != list(range(len(rows))):
+        raise RuntimeError(f"gathered {len(gathered)} results for {len(rows)} rows")
+    return [by_index[i] for i in range(len(rows))]

@@ -1,0 +1,85 @@
+"""Writing files and folders atomically: into a temporary sibling first, then renamed into place.
+
+Everything emoq writes that a later run reads back (wavs, manifests, checkpoints, caches, exports,
+evaluation results) goes through here, so a process killed mid-write (even by SIGKILL) leaves either the
+previous complete version or nothing — never half a file that a rerun would trust.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file name beside `path` to write by any means (a library that wants a file name);
+    renamed to `path` when the block ends without an error, removed otherwise."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", **open_kwargs):
+    """`open(path, mode)` whose content appears at `path` only once the block has finished writing it."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes whole files ('w' or 'wb'), not mode {mode!r}")
+    if mode == "w":
+        open_kwargs = {"encoding": "utf-8", "newline": "\n", **open_kwargs}
+    with atomic_path(path) as tmp, open(tmp, mode, **open_kwargs) as handle:
+        yield handle
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_open(path, "w") as handle:
+        handle.write(text)
+    return Path(path)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_open(path, "wb") as handle:
+        handle.write(data)
+    return Path(path)
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike, keep_existing: bool = False) -> Iterator[Path]:
+    """A temporary folder beside `path` to fill; when the block ends without an error it takes `path`'s place
+    (an existing `path` is moved aside first, then deleted), otherwise it is deleted.
+
+    `keep_existing`: a `path` that exists by then (a concurrent builder of the same content won) is kept and
+    the new folder discarded.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make the finished folder private to this user
+    try:
+        yield tmp
+        if not (keep_existing and path.exists()):
+            swap_in(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def swap_in(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Put the finished folder `tmp` at `path`: an existing `path` is moved aside first, then deleted, so at
+    every moment `path` is either the old complete folder or the new one."""
+    tmp, path = Path(tmp), Path(path)
+    if path.exists():
+        stale = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+        os.replace(path, stale / path.name)
+        shutil.rmtree(stale, ignore_errors=True)
+    os.replace(tmp, path)

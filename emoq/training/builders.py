@@ -1,0 +1,256 @@
+"""What the recipes build from a config: the model and its processor, the data loaders, the optimiser."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import RunConfig, StageConfig
+from ..data.collate import EmoQCollator, ScanResult, UtteranceDataset, scan_utterances
+from ..data.splits import read_split
+from ..labels import get_label_set
+from .runtime import seed_worker
+
+log = logging.getLogger("emoq.training")
+
+
+# ------------------------------------------------------------------ model
+
+
+def build_model_and_processor(cfg: RunConfig, init_from: str | None = None):
+    """Stage 1: a fresh model around pretrained (or tiny random) parts. Stage 2: the stage-1 folder."""
+    from ..models import EmoQProcessor
+
+    labels = list(get_label_set(cfg.data.label_set).labels)
+    m = cfg.model
+    if m.system != "emoq":
+        raise ValueError(f"model.system={m.system!r}: this config is for a baseline; train it with "
+                         "`emoq run train_baseline` (stage1_qformer / stage2_llm build EmoQ)")
+    if init_from:
+        model = _stage1_model(cfg, init_from)
+        processor = EmoQProcessor.from_pretrained(init_from)
+        if list(model.config.id2label.values()) != labels:
+            raise ValueError(
+                f"{init_from}: trained with labels {list(model.config.id2label.values())}, "
+                f"but data.label_set={cfg.data.label_set} has {labels}"
+            )
+    elif m.tiny_random:
+        from ..models.tiny import build_tiny
+
+        model, processor = build_tiny(
+            labels, num_query_tokens=m.num_query_tokens, window_seconds=m.window_seconds,
+            lora=_lora_dict(cfg), encoder_layers=m.encoder_layers, seed=cfg.seed,
+        )
+    else:
+        model, processor = _from_pretrained_parts(cfg, labels)
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.config.use_transcript = cfg.data.use_transcript and m.use_transcript
+    processor.rationale_separator = "\n" if cfg.data.rationale else None  # saved with the processor
+    model.loss_config = cfg.loss
+    return model, processor
+
+
+def build_baseline(cfg: RunConfig):
+    """(Qieemo | Patamia model, BaselineProcessor) for `model.system`, trained with the same MAL weights."""
+    labels = list(get_label_set(cfg.data.label_set).labels)
+    m = cfg.model
+    with_text = cfg.data.use_transcript and m.text_encoder is not None
+    if m.system not in ("qieemo", "patamia"):
+        raise ValueError(f"model.system={m.system!r} is not a baseline (qieemo | patamia); EmoQ trains with "
+                         "recipes stage1_qformer and stage2_llm")
+    if m.tiny_random:
+        from ..models.tiny import build_tiny_baseline
+
+        model, processor = build_tiny_baseline(m.system, labels, seed=cfg.seed, with_text=with_text)
+    else:
+        model, processor = _baseline_from_pretrained_parts(cfg, labels, with_text)
+    model.loss_config = cfg.loss
+    return model, processor
+
+
+def _baseline_from_pretrained_parts(cfg: RunConfig, labels: list[str], with_text: bool):
+    from transformers import AutoConfig, AutoFeatureExtractor, AutoTokenizer
+
+    from ..hub import resolve_model
+    from ..models import BaselineProcessor, PatamiaForEmotionClassification, QieemoForEmotionClassification
+
+    m = cfg.model
+    encoder = resolve_model(m.encoder)
+    audio_config, fe = AutoConfig.from_pretrained(encoder), AutoFeatureExtractor.from_pretrained(encoder)
+    common = {"id2label": dict(enumerate(labels)), "contrastive_dim": m.contrastive_dim,
+              "freeze_encoder": m.freeze_encoder}
+    if m.system == "qieemo":
+        model = QieemoForEmotionClassification.from_components(
+            encoder, feature_layer=m.encoder_layers[0] if m.encoder_layers else None, ppg_dim=m.ppg_dim,
+            hidden_size=m.fusion_hidden_size, num_attention_heads=m.fusion_num_heads, **common,
+        )
+        return model, BaselineProcessor.for_encoder(fe, labels, audio_config)
+    text = resolve_model(m.text_encoder) if with_text else None
+    model = PatamiaForEmotionClassification.from_components(
+        encoder, text, audio_layers=m.encoder_layers, fusion_hidden_size=m.fusion_hidden_size, **common,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(text) if text else None
+    return model, BaselineProcessor.for_encoder(fe, labels, audio_config, tokenizer=tokenizer)
+
+
+def _stage1_model(cfg: RunConfig, init_from: str):
+    """The stage-1 model as stage 2 starts from it. As saved, when the config asks for the same LLM setup
+    stage 1 used; otherwise (QLoRA: `model.quantization`, or another `model.lora`) the stage-1 speech side
+    around the LLM reloaded from `model.llm` (`EmoQForConditionalGeneration.from_stage1`)."""
+    from ..models import EmoQConfig, EmoQForConditionalGeneration
+
+    m, lora = cfg.model, _lora_dict(cfg)
+    saved = EmoQConfig.from_pretrained(init_from)
+    saved_quantized = bool(getattr(saved.text_config, "quantization_config", None))
+    if m.quantization == "none" and not saved_quantized and saved.lora == lora:
+        return EmoQForConditionalGeneration.from_pretrained(init_from)
+    if m.tiny_random:
+        raise ValueError("model.tiny_random: stage 2 cannot change model.quantization or model.lora from what "
+                         "stage 1 saved (there is no model.llm to reload the LLM from)")
+    from ..hub import resolve_model
+
+    dtype = torch.bfloat16 if cfg.trainer.mixed_precision == "bf16" and torch.cuda.is_available() else None
+    return EmoQForConditionalGeneration.from_stage1(init_from, resolve_model(m.llm), lora=lora,
+                                                    quantization=m.quantization, dtype=dtype)
+
+
+def _lora_dict(cfg: RunConfig) -> dict | None:
+    lora = cfg.model.lora
+    if not lora.enabled:
+        return None
+    return {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "target_modules": list(lora.target_modules)}
+
+
+def _from_pretrained_parts(cfg: RunConfig, labels: list[str]):
+    from transformers import AutoConfig, AutoFeatureExtractor, AutoTokenizer
+
+    from ..hub import resolve_model
+    from ..models import EmoQForConditionalGeneration, EmoQProcessor
+
+    m = cfg.model
+    encoder, llm = resolve_model(m.encoder), resolve_model(m.llm)
+    audio_config = AutoConfig.from_pretrained(encoder)
+    processor = EmoQProcessor.for_encoder(
+        AutoFeatureExtractor.from_pretrained(encoder), AutoTokenizer.from_pretrained(llm), labels, audio_config,
+        num_query_tokens=m.num_query_tokens, window_seconds=m.window_seconds,
+    )
+    dtype = torch.bfloat16 if cfg.trainer.mixed_precision == "bf16" and torch.cuda.is_available() else None
+    model = EmoQForConditionalGeneration.from_components(
+        encoder, llm,
+        id2label=dict(enumerate(labels)),
+        audio_token_id=processor.audio_token_id,
+        qformer={
+            "hidden_size": m.qformer_hidden_size, "num_hidden_layers": m.qformer_num_layers,
+            "num_attention_heads": m.qformer_num_heads, "intermediate_size": m.qformer_intermediate_size,
+            "cross_attention_frequency": m.cross_attention_frequency, "hidden_dropout_prob": m.qformer_dropout,
+            "window_seconds": m.window_seconds, "frames_per_second": processor.frames_per_second,
+        },
+        lora=_lora_dict(cfg),
+        quantization=m.quantization,
+        dtype=dtype,
+        num_query_tokens=m.num_query_tokens,
+        encoder_layers=m.encoder_layers,
+        freeze_encoder=m.freeze_encoder,
+        projector_type=m.projector,
+        contrastive_dim=m.contrastive_dim,
+    )
+    return model, processor
+
+
+def trainable_parameter_table(model) -> list[tuple[str, int, int]]:
+    """(module, trainable, total) per top-level module, printed at the start of every stage."""
+    rows = []
+    for name, module in model.named_children():
+        params = list(module.parameters())
+        if not params:
+            continue
+        rows.append((name, sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)))
+    return rows
+
+
+def print_parameter_table(model) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="parameters")
+    for col in ("module", "trainable", "total"):
+        table.add_column(col, justify="right" if col != "module" else "left")
+    rows = trainable_parameter_table(model)
+    for name, trainable, total in rows:
+        table.add_row(name, f"{trainable:,}", f"{total:,}")
+    table.add_row("all", f"{sum(r[1] for r in rows):,}", f"{sum(r[2] for r in rows):,}")
+    Console().print(table)
+
+
+# ------------------------------------------------------------------ data
+
+
+def load_split(cfg: RunConfig, split: str):
+    """Utterances of one split ('train', 'dev', 'test') of the configured corpus."""
+    d = cfg.data
+    if d.dataset in ("meld", "iemocap") and not d.root:
+        raise ValueError(f"data.root is required for dataset={d.dataset} (the corpus folder)")
+    manifest = {"train": d.train_manifest, "dev": d.eval_manifest, "test": d.test_manifest}[split]
+    if d.dataset == "manifest" and not manifest:
+        raise ValueError(f"data.{ {'dev': 'eval'}.get(split, split)}_manifest is required for dataset=manifest")
+    return read_split(d.dataset, split, root=d.root, manifest=manifest, label_set=d.label_set, fold=d.fold,
+                      dev_fraction=d.dev_fraction)
+
+
+def scanned_split(cfg: RunConfig, split: str, accelerator=None) -> ScanResult:
+    """Load + validate a split; report every unusable row (never dropped silently)."""
+    scan = scan_utterances(load_split(cfg, split), cfg.data.max_seconds)
+    if scan.errors and (accelerator is None or accelerator.is_main_process):
+        log.warning("%s: %d of %d rows cannot be used:", split, len(scan.errors), len(scan.errors) + len(scan.ok))
+        for key, msg in scan.errors[:20]:
+            log.warning("  %s: %s", key, msg)
+    if not scan.ok:
+        raise ValueError(f"split '{split}' has no usable rows ({len(scan.errors)} errors)")
+    return scan
+
+
+def train_loader(cfg: RunConfig, scan: ScanResult, processor, label2id, prompt: bool, frame_cache=None):
+    """Training batches; `prompt`: with the LLM chat prompt and the answer as LM labels (stage 2), else audio
+    (+ transcript) only (stage 1, the baselines)."""
+    from ..data.sampling import ClassBalancedSampler, LengthGroupedBatchSampler
+
+    dataset = UtteranceDataset(scan.ok, label2id, cfg.data.max_seconds, cfg.data.use_transcript, frame_cache)
+    collate = EmoQCollator(processor, with_prompt=prompt, with_answers=prompt)
+    # a dedicated generator: creating a loader iterator then draws from it, not from the global RNG that
+    # dropout uses, so a resumed run (iterator created mid-epoch) stays on the uninterrupted run's RNG path
+    common = dict(collate_fn=collate, num_workers=cfg.data.num_workers, worker_init_fn=seed_worker,
+                  generator=torch.Generator().manual_seed(cfg.seed))
+    if cfg.data.class_balanced:
+        sampler = ClassBalancedSampler([u.label for u in scan.ok], seed=cfg.seed)
+        return DataLoader(dataset, batch_size=cfg.trainer.batch_size, sampler=sampler, drop_last=True, **common), sampler
+    sampler = LengthGroupedBatchSampler(scan.durations, cfg.trainer.batch_size, shuffle=True, seed=cfg.seed)
+    return DataLoader(dataset, batch_sampler=sampler, **common), sampler
+
+
+def eval_loader(cfg: RunConfig, scan: ScanResult, processor, label2id, prompt: bool):
+    dataset = UtteranceDataset(scan.ok, label2id, cfg.data.max_seconds, cfg.data.use_transcript)
+    collate = EmoQCollator(processor, with_prompt=prompt)
+    return DataLoader(dataset, batch_size=cfg.trainer.eval_batch_size, shuffle=False, collate_fn=collate)
+
+
+# ------------------------------------------------------------------ optimiser
+
+
+def build_optimizer(model, stage: StageConfig, weight_decay: float, total_steps: int, warmup_ratio: float):
+    """AdamW with one learning rate per module group (Q-Former side vs LoRA), warmup + cosine."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    adapters = {id(p) for p in getattr(model, "adapter_parameters", list)()}
+    groups: dict[str, list] = {"lora": [], "qformer": []}
+    for p in model.parameters():
+        if p.requires_grad:
+            groups["lora" if id(p) in adapters else "qformer"].append(p)
+    lrs = {"lora": stage.lr_lora or stage.learning_rate, "qformer": stage.lr_qformer or stage.learning_rate}
+    params = [{"params": ps, "lr": lrs[g], "name": g} for g, ps in groups.items() if ps]
+    optimizer = torch.optim.AdamW(params, weight_decay=weight_decay)
+    warmup = int(math.ceil(total_steps * warmup_ratio))
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, max(total_steps, 1))
