@@ -41,9 +41,7 @@ def configs(size: str, vocab: int):
 
 
 def build(size: str, device, quantization: str = "none"):
-    from emoq.models import EmoQProcessor
-
-    from emoq.models import EmoQConfig, EmoQForConditionalGeneration
+    from emoq.models import EmoQConfig, EmoQForConditionalGeneration, EmoQProcessor
     from emoq.models.tiny import tiny_tokenizer, whisper_feature_extractor
 
     tok = tiny_tokenizer()
@@ -51,7 +49,7 @@ def build(size: str, device, quantization: str = "none"):
     processor = EmoQProcessor.for_encoder(whisper_feature_extractor(), tok, LABELS, audio_cfg, num_query_tokens=32)
     config = EmoQConfig(audio_config=audio_cfg, text_config=text_cfg, qformer_config=qformer, num_query_tokens=32,
                         audio_token_id=processor.audio_token_id, id2label=dict(enumerate(LABELS)),
-                        lora={"r": 16, "alpha": 32})
+                        lora={"r": 16, "lora_alpha": 32})
     if quantization == "none":
         model = EmoQForConditionalGeneration(config)
         model.speech_encoder.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -67,7 +65,7 @@ def build(size: str, device, quantization: str = "none"):
     WhisperModel(audio_cfg).save_pretrained(f"{tmp}/enc")
     model = EmoQForConditionalGeneration.from_components(
         f"{tmp}/enc", f"{tmp}/llm", id2label=dict(enumerate(LABELS)), audio_token_id=processor.audio_token_id,
-        qformer=qformer, lora={"r": 16, "alpha": 32}, quantization=quantization, num_query_tokens=32,
+        qformer=qformer, lora={"r": 16, "lora_alpha": 32}, quantization=quantization, num_query_tokens=32,
         dtype=torch.bfloat16,
     )
     model.qformer.to(device)

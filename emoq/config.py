@@ -28,13 +28,34 @@ class ConfigError(ValueError):
 
 @dataclass
 class LoraConfig:
-    """LoRA on the LLM only; `target_modules` are matched inside the language model (never the encoder)."""
+    """LoRA on the LLM only; `target_modules` are matched inside the language model (never the encoder).
+    The fields other than `enabled` are `peft.LoraConfig`'s own, with the same names."""
 
     enabled: bool = True
     r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def peft_kwargs(self) -> dict | None:
+        """The `peft.LoraConfig` arguments (what the model config stores), or None when LoRA is off."""
+        if not self.enabled:
+            return None
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in dataclasses.asdict(self).items()
+                if k != "enabled"}
+
+
+@dataclass
+class QFormerConfig:
+    """The EmoQ-Former's size and dropout; the fields are `EmoQFormerConfig`'s own, with the same names
+    (`cross_attention_frequency`: a cross-attention sub-layer every k blocks; BLIP-2 uses 2)."""
+
+    hidden_size: int = 384
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 6
+    intermediate_size: int = 1536
+    cross_attention_frequency: int = 1
+    hidden_dropout_prob: float = 0.1
 
 
 @dataclass
@@ -49,12 +70,7 @@ class ModelConfig:
     freeze_encoder: bool = True
     llm: str = "builtin:smollm2-135m-instruct"
     num_query_tokens: int = 32
-    qformer_hidden_size: int = 384
-    qformer_num_layers: int = 2
-    qformer_num_heads: int = 6
-    qformer_intermediate_size: int = 1536
-    cross_attention_frequency: int = 1
-    qformer_dropout: float = 0.1
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
     # Window-level queries (SALMONN habit): None = one set of queries per clip, else queries per window.
     window_seconds: float | None = None
     use_transcript: bool = True
@@ -342,10 +358,12 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
         if value not in choices:
             raise ConfigError(f"{source}: '{dotted}' must be one of {list(choices)}, got {value!r}")
     m = cfg.model
-    if m.qformer_hidden_size % m.qformer_num_heads:
-        raise ConfigError(f"{source}: 'model.qformer_hidden_size' must be divisible by 'model.qformer_num_heads'")
-    for key in ("num_query_tokens", "qformer_num_layers", "cross_attention_frequency"):
-        if getattr(m, key) < 1:
+    if m.qformer.hidden_size % m.qformer.num_attention_heads:
+        raise ConfigError(f"{source}: 'model.qformer.hidden_size' must be divisible by "
+                          "'model.qformer.num_attention_heads'")
+    for key, value in (("num_query_tokens", m.num_query_tokens), ("qformer.num_hidden_layers", m.qformer.num_hidden_layers),
+                       ("qformer.cross_attention_frequency", m.qformer.cross_attention_frequency)):
+        if value < 1:
             raise ConfigError(f"{source}: 'model.{key}' must be >= 1")
     if m.system == "qieemo" and (m.fusion_hidden_size % m.fusion_num_heads or len(m.encoder_layers) > 1):
         raise ConfigError(f"{source}: qieemo needs 'model.fusion_hidden_size' divisible by 'model.fusion_num_heads' "

@@ -9,7 +9,7 @@ The folder holds everything needed to use the model without the training output:
   adapter/                         (without --merge-lora) the LLM's LoRA in PEFT format
   metrics.json, run_config.yaml    copied when given (--metrics) / present next to the weights
 
---merge-lora folds the LoRA deltas into the LLM's base weights (W + B A * scaling, peft's own merge)
+--merge-lora folds the LoRA deltas into the LLM's base weights with peft's `merge_and_unload`
 and sets `config.lora = None`: the export has no LoRA modules and scores as the original does.
 The folder is written next to its destination and renamed into place when complete.
 """
@@ -25,41 +25,6 @@ from pathlib import Path
 from .files import atomic_folder
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-# ------------------------------------------------------------------ LoRA
-
-
-def merge_lora(model) -> int:
-    """Merge the LoRA layers injected into `model.language_model` into their base layers, in place.
-
-    The LoRA layers were put there by peft's `inject_adapter_in_model` (no PeftModel wrapper, so no
-    `merge_and_unload`); this does what `BaseTuner.merge_and_unload` does for each of them: `merge()`
-    the active adapter into the base weight (safe merge: NaNs raise) and put the base layer back in the
-    wrapper's place. Sets `config.lora = None`. Returns how many layers were merged.
-    """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    llm = model.language_model
-    names = [name for name, module in llm.named_modules() if isinstance(module, BaseTunerLayer)]
-    outermost = [n for n in names if not any(n.startswith(other + ".") for other in names if other != n)]
-    for name in outermost:
-        layer = llm.get_submodule(name)
-        parent_name, _, child_name = name.rpartition(".")
-        parent = llm.get_submodule(parent_name) if parent_name else llm
-        if hasattr(layer, "unload_and_optionally_merge_module"):  # e.g. LoRA on nn.MultiheadAttention
-            base = layer.unload_and_optionally_merge_module(merge=True, safe_merge=True, adapter_names=None)
-        else:
-            layer.merge(safe_merge=True)
-            base = layer.get_base_layer()
-        setattr(parent, child_name, base)
-    left = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-    if left:
-        raise RuntimeError(f"LoRA layers left after merging: {left[:5]}")
-    if hasattr(llm, "peft_config"):
-        del llm.peft_config
-    model.config.lora = None
-    return len(outermost)
 
 
 # ------------------------------------------------------------------ model card
@@ -106,26 +71,23 @@ def _describe(sub_config) -> str:
 
 
 def model_card(name: str, model, labels: list[str], bases: dict, merged: bool, lora: dict | None,
-               metrics: dict | None) -> str:
+               metrics: dict | None):
+    """The export's `huggingface_hub.ModelCard`: metadata (library, task, tags, hub base models) + the text."""
+    from huggingface_hub import ModelCard, ModelCardData
+
     config = model.config
     hub_bases = [b for b in (bases["encoder"], bases["llm"]) if b and HUB_ID.match(b) and not Path(b).exists()]
-    front = ["---", "library_name: emoq", "pipeline_tag: audio-classification",
-             "tags:", "- speech-emotion-recognition", "- emoq", "- audio"]
-    if hub_bases:
-        front += ["base_model:", *[f"- {b}" for b in hub_bases]]
-    front.append("---")
+    data = ModelCardData(library_name="emoq", pipeline_tag="audio-classification",
+                         tags=["speech-emotion-recognition", "emoq", "audio"], base_model=hub_bases or None)
     n_params = sum(p.numel() for p in model.parameters())
     if merged:
         lora_line = "merged into the LLM's weights (`emoq export --merge-lora`); the model has no LoRA layers"
     elif lora:
-        lora_line = (f"kept as LoRA layers (r={lora.get('r', 8)}, alpha={lora.get('alpha', 16)}, targets "
-                     f"{lora.get('target_modules', ['q_proj', 'k_proj', 'v_proj', 'o_proj'])}); also in PEFT "
-                     "format under `adapter/`")
+        lora_line = (f"kept as LoRA layers (r={lora.get('r')}, lora_alpha={lora.get('lora_alpha')}, targets "
+                     f"{lora.get('target_modules')}); also in PEFT format under `adapter/`")
     else:
         lora_line = "none (the LLM was not LoRA-tuned)"
     lines = [
-        *front,
-        "",
         f"# {name}",
         "",
         "Speech emotion recognition with emoq (EmoQ): a speech encoder, an EmoQ-Former "
@@ -214,7 +176,7 @@ def model_card(name: str, model, labels: list[str], bases: dict, merged: bool, l
         else:
             lines.append("(the metrics file holds no scored results)")
         lines += ["", "Full metrics (per class, confusion matrix, protocol): `metrics.json`."]
-    return "\n".join(lines) + "\n"
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
 
 
 # ------------------------------------------------------------------ export
@@ -269,7 +231,7 @@ def export_model(model_dir: str | Path, out: str | Path, merge: bool = False, me
 
     with atomic_folder(out) as tmp, torch.no_grad():
         if merge and lora:
-            merge_lora(model)
+            model.merge_adapter()
         elif lora:
             model.save_adapter(tmp / "adapter")
         model.save_pretrained(tmp, safe_serialization=True)
@@ -283,6 +245,6 @@ def export_model(model_dir: str | Path, out: str | Path, merge: bool = False, me
                 break
         if metrics is not None:
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
-        card = model_card(out.name, model, labels, bases, merged=bool(merge and lora), lora=lora, metrics=metrics)
-        (tmp / "README.md").write_text(card, encoding="utf-8")
+        model_card(out.name, model, labels, bases, merged=bool(merge and lora), lora=lora,
+                   metrics=metrics).save(tmp / "README.md")
     return out

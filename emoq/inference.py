@@ -52,13 +52,12 @@ class EmotionRecognizer:
         model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
         load = {"dtype": dtype} if dtype else {}
         if model_type in BASELINE_MODEL_TYPES:
-            from transformers import AutoModel
+            from transformers import AutoModel, AutoProcessor
 
-            from . import models  # noqa: F401  (registers the baselines with AutoModel)
-            from .models import BaselineProcessor
+            from . import models  # noqa: F401  (registers the baselines with the Auto classes)
 
             model = AutoModel.from_pretrained(folder, **load)
-            return BaselineRecognizer(model, BaselineProcessor.from_pretrained(folder), device=device, **kwargs)
+            return BaselineRecognizer(model, AutoProcessor.from_pretrained(folder), device=device, **kwargs)
         from .models import EmoQForConditionalGeneration, EmoQProcessor
         from .models.emoq.modeling_emoq import is_quantized_folder
 

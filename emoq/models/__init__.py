@@ -1,9 +1,11 @@
 """EmoQ and the two baseline systems (Qieemo, Patamia et al. 2023), each with its configuration, model and
-processor side by side; importing this package registers them with the transformers Auto classes."""
+processor side by side; importing this package registers them with the transformers Auto classes
+(AutoConfig, AutoModel, AutoProcessor), which `import emoq` arranges as soon as transformers loads."""
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoProcessor
 
 from .baselines import (
+    BaselineAudioProcessor,
     BaselineProcessor,
     PatamiaConfig,
     PatamiaForEmotionClassification,
@@ -20,12 +22,19 @@ from .emoq import (
     PlaceholderCountError,
 )
 
-AutoConfig.register(EmoQConfig.model_type, EmoQConfig, exist_ok=True)
 AutoConfig.register(EmoQFormerConfig.model_type, EmoQFormerConfig, exist_ok=True)
-AutoModel.register(EmoQConfig, EmoQForConditionalGeneration, exist_ok=True)
+for _config, _model, _processor in (
+    (EmoQConfig, EmoQForConditionalGeneration, EmoQProcessor),
+    (QieemoConfig, QieemoForEmotionClassification, BaselineAudioProcessor),
+    (PatamiaConfig, PatamiaForEmotionClassification, BaselineProcessor),
+):
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModel.register(_config, _model, exist_ok=True)
+    AutoProcessor.register(_config, _processor, exist_ok=True)
 
 __all__ = [
     "PLACEHOLDER_TOKEN",
+    "BaselineAudioProcessor",
     "BaselineProcessor",
     "EmoQConfig",
     "EmoQFormerConfig",

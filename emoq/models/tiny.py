@@ -115,10 +115,12 @@ def build_tiny(
     encoder_layers: list[int] | None = None,
     seed: int = 0,
     text_config=None,
+    qformer: dict | None = None,
 ):
     """(EmoQForConditionalGeneration, EmoQProcessor) with random tiny weights, built offline in seconds.
 
-    `text_config`: another tiny LLM config (vocabulary: the tiny tokenizer's) instead of the Llama one."""
+    `text_config`: another tiny LLM config (vocabulary: the tiny tokenizer's) instead of the Llama one;
+    `qformer`: EmoQ-Former settings over the tiny ones (a run config's `model.qformer`)."""
     import torch
     from transformers import Wav2Vec2FeatureExtractor
 
@@ -138,7 +140,8 @@ def build_tiny(
     config = EmoQConfig(
         audio_config=audio_config,
         text_config=text_config or tiny_llama_config(len(tok)),
-        qformer_config=tiny_qformer_config(window_seconds=window_seconds, frames_per_second=processor.frames_per_second),
+        qformer_config=tiny_qformer_config(**(qformer or {}), window_seconds=window_seconds,
+                                           frames_per_second=processor.frames_per_second),
         num_query_tokens=num_query_tokens,
         audio_token_id=processor.audio_token_id,
         id2label=dict(enumerate(labels)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -42,7 +43,8 @@ def build_model_and_processor(cfg: RunConfig, init_from: str | None = None):
 
         model, processor = build_tiny(
             labels, num_query_tokens=m.num_query_tokens, window_seconds=m.window_seconds,
-            lora=_lora_dict(cfg), encoder_layers=m.encoder_layers, seed=cfg.seed,
+            lora=cfg.model.lora.peft_kwargs(), encoder_layers=m.encoder_layers, seed=cfg.seed,
+            qformer=dataclasses.asdict(m.qformer),
         )
     else:
         model, processor = _from_pretrained_parts(cfg, labels)
@@ -103,7 +105,7 @@ def _stage1_model(cfg: RunConfig, init_from: str):
     around the LLM reloaded from `model.llm` (`EmoQForConditionalGeneration.from_stage1`)."""
     from ..models import EmoQConfig, EmoQForConditionalGeneration
 
-    m, lora = cfg.model, _lora_dict(cfg)
+    m, lora = cfg.model, cfg.model.lora.peft_kwargs()
     saved = EmoQConfig.from_pretrained(init_from)
     saved_quantized = bool(getattr(saved.text_config, "quantization_config", None))
     if m.quantization == "none" and not saved_quantized and saved.lora == lora:
@@ -118,11 +120,6 @@ def _stage1_model(cfg: RunConfig, init_from: str):
                                                     quantization=m.quantization, dtype=dtype)
 
 
-def _lora_dict(cfg: RunConfig) -> dict | None:
-    lora = cfg.model.lora
-    if not lora.enabled:
-        return None
-    return {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "target_modules": list(lora.target_modules)}
 
 
 def _from_pretrained_parts(cfg: RunConfig, labels: list[str]):
@@ -143,13 +140,9 @@ def _from_pretrained_parts(cfg: RunConfig, labels: list[str]):
         encoder, llm,
         id2label=dict(enumerate(labels)),
         audio_token_id=processor.audio_token_id,
-        qformer={
-            "hidden_size": m.qformer_hidden_size, "num_hidden_layers": m.qformer_num_layers,
-            "num_attention_heads": m.qformer_num_heads, "intermediate_size": m.qformer_intermediate_size,
-            "cross_attention_frequency": m.cross_attention_frequency, "hidden_dropout_prob": m.qformer_dropout,
-            "window_seconds": m.window_seconds, "frames_per_second": processor.frames_per_second,
-        },
-        lora=_lora_dict(cfg),
+        qformer={**dataclasses.asdict(m.qformer), "window_seconds": m.window_seconds,
+                 "frames_per_second": processor.frames_per_second},
+        lora=cfg.model.lora.peft_kwargs(),
         quantization=m.quantization,
         dtype=dtype,
         num_query_tokens=m.num_query_tokens,

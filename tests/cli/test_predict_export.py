@@ -121,6 +121,10 @@ def test_export_keeps_lora_and_reloads_identically(lora_model, tmp_path):
     positions = [card.index(f"| {i} | {label} |") for i, label in enumerate(LABELS)]
     assert positions == sorted(positions)
     assert "EmotionRecognizer.from_pretrained" in card and "llama" in card
+    from huggingface_hub import ModelCard
+
+    metadata = ModelCard.load(out / "README.md").data
+    assert (metadata.library_name, metadata.pipeline_tag) == ("emoq", "audio-classification")
 
     assert isinstance(AutoModel.from_pretrained(out), EmoQForConditionalGeneration)
     assert EmoQProcessor.from_pretrained(out).labels == LABELS

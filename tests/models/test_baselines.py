@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 from support.corpora import LABELS, make_tone_corpus
-from transformers import AutoModel
+from transformers import AutoModel, AutoProcessor
 
 from emoq.cli import main as cli
 from emoq.config import load_config
 from emoq.inference import BaselineRecognizer, EmotionRecognizer
-from emoq.models import BaselineProcessor, PatamiaForEmotionClassification
+from emoq.models import PatamiaForEmotionClassification
 from emoq.models.tiny import build_tiny_baseline
 from emoq.recipes import find_shipped, load_recipe
 from emoq.training.checkpoint import is_complete
@@ -109,7 +109,7 @@ def test_save_load_round_trip_through_auto_classes_and_the_recognizer(clips, tmp
     batch = processor(clips, transcripts=TEXTS)
     with torch.no_grad():
         expected = model(**batch).emotion_logits
-        torch.testing.assert_close(reloaded(**BaselineProcessor.from_pretrained(tmp_path)(clips, transcripts=TEXTS))
+        torch.testing.assert_close(reloaded(**AutoProcessor.from_pretrained(tmp_path)(clips, transcripts=TEXTS))
                                    .emotion_logits, expected, atol=0, rtol=0)
     rec = EmotionRecognizer.from_pretrained(tmp_path, device="cpu")
     assert isinstance(rec, BaselineRecognizer) and rec.labels == LABELS and rec.use_transcript == (

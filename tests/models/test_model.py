@@ -261,3 +261,23 @@ def test_learned_layer_mix_and_single_layer_selection(tiny, clips):
     model1, _ = tiny(encoder_layers=[1])
     assert model1.speech_encoder.layer_weights is None
     assert frames.shape[-1] == 32
+
+
+def test_merging_the_adapter_goes_through_peft_and_keeps_the_logits(tiny, clips, monkeypatch):
+    from peft.tuners.lora import LoraModel
+
+    model, processor = tiny(lora={"r": 4})
+    with torch.no_grad():
+        for p in model.adapter_parameters():
+            p.normal_(0, 0.5)  # LoRA-B non-zero: the merge really changes the base weights
+    batch = processor(clips, answers=["joy", "neutral", "anger"])
+    with torch.no_grad():
+        before = model(**batch).logits
+    merges = []
+    original = LoraModel.merge_and_unload
+    monkeypatch.setattr(LoraModel, "merge_and_unload", lambda self, **kw: merges.append(kw) or original(self, **kw))
+    model.merge_adapter()
+    assert merges == [{"safe_merge": True}]  # peft's own merge, with its NaN check
+    assert model.config.lora is None and model.peft_model is None and not model.adapter_parameters()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, before, atol=1e-4, rtol=1e-4)

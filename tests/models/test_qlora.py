@@ -46,7 +46,7 @@ def test_qlora_4bit_loads_trains_lora_and_scores(saved_parts, clips, device):
     model = EmoQForConditionalGeneration.from_components(
         str(saved_parts / "encoder"), str(saved_parts / "llm"), id2label=dict(enumerate(LABELS)),
         audio_token_id=processor.audio_token_id, qformer=tiny_qformer_config(), num_query_tokens=4,
-        lora={"r": 4, "alpha": 8}, quantization="4bit", dtype=dtype,
+        lora={"r": 4, "lora_alpha": 8}, quantization="4bit", dtype=dtype,
     ).to(device)
     quantized = [m for m in model.language_model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert quantized, "the LLM's linear layers should be 4-bit"

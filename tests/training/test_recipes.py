@@ -18,7 +18,7 @@ from emoq.training.checkpoint import is_complete, latest_checkpoint
 
 def test_stage1_learns_and_stage2_starts_from_it(corpus, tmp_path):
     stage1, stage2 = load_recipe("stage1_qformer"), load_recipe("stage2_llm")
-    cfg = tiny_test_config(corpus, tmp_path, "stage1.epochs=30", "stage1.learning_rate=0.01", "model.qformer_dropout=0.0", "stage2.epochs=6", "stage2.learning_rate=0.03",
+    cfg = tiny_test_config(corpus, tmp_path, "stage1.epochs=30", "stage1.learning_rate=0.01", "model.qformer.hidden_dropout_prob=0.0", "stage2.epochs=6", "stage2.learning_rate=0.03",
                "trainer.batch_size=6", "trainer.save_every=1000", "trainer.eval_every=30")
     ctx = stage1.setup(cfg)
     result = stage1.train(ctx)
@@ -54,7 +54,7 @@ def test_stage1_feature_cache_matches_live_encoder_and_layer_mix(corpus, tmp_pat
     layer mix trains on live frames and, with a cache (frames already mixed), stays at its initial weights."""
     stage1 = load_recipe("stage1_qformer")
     cfg = tiny_test_config(corpus, tmp_path, "model.encoder_layers=[1,2]", f"stage1.cache_encoder_features={cache}",
-               "model.qformer_dropout=0.0", "trainer.max_steps=3", "trainer.eval_every=100")
+               "model.qformer.hidden_dropout_prob=0.0", "trainer.max_steps=3", "trainer.eval_every=100")
     ctx = stage1.setup(cfg)
     mix = ctx.accelerator.unwrap_model(ctx.model).speech_encoder.layer_weights
     before = mix.detach().clone()
@@ -62,7 +62,7 @@ def test_stage1_feature_cache_matches_live_encoder_and_layer_mix(corpus, tmp_pat
     assert mix.requires_grad is not cache
     assert torch.equal(mix.detach(), before) is cache
     other = stage1.setup(tiny_test_config(corpus, tmp_path / "other", "model.encoder_layers=[1,2]",
-                              f"stage1.cache_encoder_features={not cache}", "model.qformer_dropout=0.0",
+                              f"stage1.cache_encoder_features={not cache}", "model.qformer.hidden_dropout_prob=0.0",
                               "trainer.max_steps=1", "trainer.eval_every=100"))
     assert stage1.train(other).losses[0] == pytest.approx(result.losses[0], rel=1e-5, abs=1e-6)
 
@@ -94,7 +94,7 @@ def test_resume_reproduces_the_uninterrupted_run(corpus, tmp_path, capsys, recip
     with LoRA dropout and the LM loss."""
     module = load_recipe(recipe)
     common = ("trainer.max_steps=8", "trainer.save_every=3", "trainer.batch_size=4", "trainer.eval_every=100",
-              "model.qformer_dropout=0.1", "model.lora.dropout=0.1", "stage2.init_from=null")
+              "model.qformer.hidden_dropout_prob=0.1", "model.lora.lora_dropout=0.1", "stage2.init_from=null")
     ctx = module.setup(tiny_test_config(corpus, tmp_path / "full", *common))
     full = module.train(ctx)
     ctx = module.setup(tiny_test_config(corpus, tmp_path / "cut", *common))

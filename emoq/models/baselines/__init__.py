@@ -2,10 +2,11 @@
 (audio + text + optional motion capture). Both classify; neither chats."""
 
 from .patamia import PatamiaConfig, PatamiaForEmotionClassification
-from .processing_baseline import BaselineProcessor
+from .processing_baseline import BaselineAudioProcessor, BaselineProcessor
 from .qieemo import QieemoConfig, QieemoForEmotionClassification
 
 __all__ = [
+    "BaselineAudioProcessor",
     "BaselineProcessor",
     "PatamiaConfig",
     "PatamiaForEmotionClassification",

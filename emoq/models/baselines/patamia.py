@@ -261,8 +261,4 @@ class PatamiaForEmotionClassification(BaselinePreTrainedModel):
             vectors.append(self._mocap_vector(audio.shape[0], audio.device, mocap, mocap_mask))
         return self.output(self.fusion(torch.cat(vectors, dim=-1)), emotion_labels)
 
-
-AutoConfig.register(PatamiaConfig.model_type, PatamiaConfig, exist_ok=True)
-AutoModel.register(PatamiaConfig, PatamiaForEmotionClassification, exist_ok=True)
-
 __all__ = ["DEFAULT_TEXT_ENCODER", "MocapEncoder", "PatamiaConfig", "PatamiaForEmotionClassification"]

@@ -7,36 +7,43 @@ no chat prompt: these systems classify, they do not talk.
 
 It answers the calls the shared `EmoQCollator` makes (``processor(audios, transcripts=..., ...)`` and
 ``transcript_batch``), so one dataset / collator / training loop drives every system.
+
+Two transformers `ProcessorMixin` classes, because a processor's parts are fixed by its signature:
+`BaselineAudioProcessor` (feature extractor; Qieemo, or Patamia without text) and `BaselineProcessor`
+(feature extractor + the text encoder's tokenizer). `for_encoder` picks the one that fits, and
+`AutoProcessor.from_pretrained` reads back whichever was saved (once `emoq` is imported).
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
-from transformers import AutoFeatureExtractor, AutoTokenizer, BatchFeature
+from transformers import BatchFeature, ProcessorMixin
 
 from ..emoq.processing_emoq import extract_features, pad_features, pad_ids
 from ..speech_encoder import frame_spec_of
 
-PROCESSOR_FILE = "baseline_processor.json"
 
+class BaselineAudioProcessor(ProcessorMixin):
+    """Audio features for a baseline without a text branch."""
 
-class BaselineProcessor:
-    """Audio features (+ text-encoder token ids) for a baseline; `tokenizer=None` for audio-only systems."""
-
-    def __init__(self, feature_extractor, labels: list[str], tokenizer=None, frame_spec: dict | None = None,
+    def __init__(self, feature_extractor, labels: list[str], frame_spec: dict | None = None,
                  max_text_tokens: int = 128):
-        self.feature_extractor = feature_extractor
-        self.tokenizer = tokenizer
+        super().__init__(feature_extractor)
+        self._configure(labels, frame_spec, max_text_tokens)
+
+    def _configure(self, labels: list[str], frame_spec: dict | None, max_text_tokens: int) -> None:
         self.labels = list(labels)
         self.frame_spec = frame_spec or {"kind": "whisper"}
         self.max_text_tokens = max_text_tokens
 
     @classmethod
-    def for_encoder(cls, feature_extractor, labels, audio_config, tokenizer=None, **kwargs) -> BaselineProcessor:
-        return cls(feature_extractor, labels, tokenizer, frame_spec=frame_spec_of(audio_config), **kwargs)
+    def for_encoder(cls, feature_extractor, labels, audio_config, tokenizer=None, **kwargs):
+        """The processor for a baseline on the encoder of `audio_config`: with the text encoder's tokenizer
+        (`BaselineProcessor`) when there is one, else audio only."""
+        spec = frame_spec_of(audio_config)
+        if tokenizer is None:
+            return BaselineAudioProcessor(feature_extractor, labels, frame_spec=spec, **kwargs)
+        return BaselineProcessor(feature_extractor, tokenizer, labels, frame_spec=spec, **kwargs)
 
     def __call__(
         self,
@@ -61,31 +68,18 @@ class BaselineProcessor:
         tokenizer). A row without a transcript has an all-zero mask (the model's learned "missing text"
         vector stands in for it) — also when no row has one, so the text branch takes part in every
         batch (DDP expects every trainable parameter in every step's graph)."""
-        if self.tokenizer is None:
+        tokenizer = getattr(self, "tokenizer", None)
+        if tokenizer is None:
             return {}
-        ids = [
-            self.tokenizer(t, truncation=True, max_length=self.max_text_tokens)["input_ids"] if t else []
-            for t in transcripts
-        ]
-        return pad_ids(ids, self.tokenizer.pad_token_id or 0, "right", "text_input_ids", "text_attention_mask")
+        ids = [tokenizer(t, truncation=True, max_length=self.max_text_tokens)["input_ids"] if t else []
+               for t in transcripts]
+        return pad_ids(ids, tokenizer.pad_token_id or 0, "right", "text_input_ids", "text_attention_mask")
 
-    # ------------------------------------------------------------------ persistence
 
-    def save_pretrained(self, path: str | Path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.feature_extractor.save_pretrained(path)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(path)
-        settings = {"labels": self.labels, "frame_spec": self.frame_spec, "max_text_tokens": self.max_text_tokens,
-                    "has_tokenizer": self.tokenizer is not None}
-        (path / PROCESSOR_FILE).write_text(json.dumps(settings, indent=2), encoding="utf-8")
+class BaselineProcessor(BaselineAudioProcessor):
+    """Audio features + transcript ids from the text encoder's own tokenizer (Patamia et al. with text)."""
 
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> BaselineProcessor:
-        path = Path(path)
-        if not (path / PROCESSOR_FILE).is_file():
-            raise FileNotFoundError(f"{path}: no {PROCESSOR_FILE}; not a folder saved by BaselineProcessor")
-        settings = json.loads((path / PROCESSOR_FILE).read_text(encoding="utf-8"))
-        tokenizer = AutoTokenizer.from_pretrained(path) if settings.pop("has_tokenizer") else None
-        return cls(AutoFeatureExtractor.from_pretrained(path), tokenizer=tokenizer, **settings)
+    def __init__(self, feature_extractor, tokenizer, labels: list[str], frame_spec: dict | None = None,
+                 max_text_tokens: int = 128):
+        ProcessorMixin.__init__(self, feature_extractor, tokenizer)
+        self._configure(labels, frame_spec, max_text_tokens)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
 from ..emoq.configuration_emoq import audio_hidden_size
@@ -204,9 +204,5 @@ class QieemoForEmotionClassification(BaselinePreTrainedModel):
         features, ppg, mask = self.encode(input_features, feature_attention_mask)
         pooled = masked_mean(self.fusion(features, ppg, mask), mask)
         return self.output(pooled, emotion_labels)
-
-
-AutoConfig.register(QieemoConfig.model_type, QieemoConfig, exist_ok=True)
-AutoModel.register(QieemoConfig, QieemoForEmotionClassification, exist_ok=True)
 
 __all__ = ["MultimodalFusion", "QieemoConfig", "QieemoForEmotionClassification"]

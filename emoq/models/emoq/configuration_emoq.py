@@ -52,7 +52,7 @@ class EmoQConfig(PreTrainedConfig):
         learned softmax-weighted sum; index 0 is the embedding output).
     projector_type: "linear" or "mlp" (Linear-GELU-Linear) from Q-Former width to LLM width.
     contrastive_dim: output width of the projection head used by the supervised contrastive loss.
-    lora: peft LoraConfig fields as a dict (None = no LoRA); injected at construction so a saved model
+    lora: `peft.LoraConfig` arguments, same names (None = no LoRA); added at construction so a saved model
         reloads with `from_pretrained` alone.
     use_transcript: feed transcript tokens into the EmoQ-Former's self-attention when given.
     """

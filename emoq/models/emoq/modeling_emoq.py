@@ -28,6 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreT
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.utils import ModelOutput
 
+from ...config import LoraConfig as LoraSettings
 from ...config import LossConfig
 from ..losses import MALoss
 from ..speech_encoder import SpeechEncoder, load_audio_encoder
@@ -189,26 +190,44 @@ class EmoQForConditionalGeneration(EmoQPreTrainedModel, GenerationMixin):
         self.language_model = (
             language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
         )
-        if config.lora:
-            self._inject_lora(config.lora)
+        # the PeftModel around the LLM (see `_add_lora`); not a registered submodule
+        object.__setattr__(self, "peft_model", self._add_lora(config.lora) if config.lora else None)
         self.loss_config = LossConfig()  # the run config's `loss:` section, set by the recipe (not saved)
         self.post_init()
 
     # ------------------------------------------------------------------ construction helpers
 
-    def _inject_lora(self, lora: dict) -> None:
-        from peft import LoraConfig, inject_adapter_in_model
+    def _add_lora(self, lora: dict):
+        """LoRA through peft's own model class: `get_peft_model` puts the adapter layers into the LLM in place
+        (base weights frozen) and returns the `PeftModel` around it, which then does what peft does —
+        `save_pretrained` (adapter folders `PeftModel.from_pretrained` loads), `merge_and_unload`. The LLM
+        itself stays `self.language_model`, so checkpoint keys and the LLM's tied weights are the plain LLM's
+        with or without an adapter. `lora`: `peft.LoraConfig` arguments (`model.lora` of a run config);
+        target module names only match inside the LLM, the one model the adapter goes into."""
+        from peft import LoraConfig, get_peft_model
 
-        self.language_model.requires_grad_(False)
-        cfg = LoraConfig(
-            r=lora.get("r", 8),
-            lora_alpha=lora.get("alpha", 16),
-            lora_dropout=lora.get("dropout", 0.05),
-            # module-name suffixes or one regex: either way it only matches inside the LLM, where we inject
-            target_modules=lora.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"]),
-            bias="none",
-        )
-        inject_adapter_in_model(cfg, self.language_model)
+        settings = {**LoraSettings().peft_kwargs(), **lora}
+        return get_peft_model(self.language_model, LoraConfig(**settings, bias="none"))
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The LoRA weights in the LLM, as peft's tuner layers list them (what stage 2 trains in the LLM)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        params = []
+        for module in self.language_model.modules():
+            if isinstance(module, BaseTunerLayer):
+                for name in module.adapter_layer_names:
+                    params += list(getattr(module, name).parameters())
+        return params
+
+    def merge_adapter(self) -> None:
+        """Fold the LoRA deltas into the LLM's base weights with peft's `merge_and_unload` (safe merge: a
+        non-finite result raises); afterwards the model has no LoRA layers and `config.lora` is None."""
+        if self.peft_model is None:
+            raise ValueError("the model has no LoRA adapter to merge")
+        self.language_model = self.peft_model.merge_and_unload(safe_merge=True)
+        object.__setattr__(self, "peft_model", None)
+        self.config.lora = None
 
     @classmethod
     def from_components(
@@ -316,8 +335,11 @@ class EmoQForConditionalGeneration(EmoQPreTrainedModel, GenerationMixin):
         model = cls(config, language_model=language_model)
         model.config.text_config = language_model.config
 
+        adapter_ids = {id(p) for p in model.adapter_parameters()} if with_lora_weights else set()
+        adapter_keys = {name for name, p in model.named_parameters() if id(p) in adapter_ids}
+
         def wanted(key: str) -> bool:
-            return not key.startswith("language_model.") or (with_lora_weights and ".lora_" in key)
+            return not key.startswith("language_model.") or key in adapter_keys
 
         missing, unexpected = model.load_state_dict(_read_weights(folder, wanted), strict=False)
         missing = [k for k in missing if wanted(k)]
@@ -325,17 +347,6 @@ class EmoQForConditionalGeneration(EmoQPreTrainedModel, GenerationMixin):
             raise ValueError(f"{folder}: saved weights do not fit the model built from its config "
                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
         return model
-
-    def adapter_parameters(self) -> list[nn.Parameter]:
-        """The LoRA weights in the LLM, as peft's tuner layers list them (what stage 2 trains in the LLM)."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        params = []
-        for module in self.language_model.modules():
-            if isinstance(module, BaseTunerLayer):
-                for name in module.adapter_layer_names:
-                    params += list(getattr(module, name).parameters())
-        return params
 
     # ------------------------------------------------------------------ HF plumbing
 
@@ -367,24 +378,21 @@ class EmoQForConditionalGeneration(EmoQPreTrainedModel, GenerationMixin):
         `state_dict`: the whole model's state dict, already gathered (ZeRO-3); default: this process's weights.
         """
         from peft.utils import get_peft_model_state_dict
-        from safetensors.torch import save_file
 
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        peft_config = self.language_model.peft_config["default"]
-        peft_config.base_model_name_or_path = getattr(self.language_model.config, "_name_or_path", None)
-        peft_config.save_pretrained(path)
-        prefix = "language_model."
+        if self.peft_model is None:
+            raise ValueError("the model has no LoRA adapter to save")
+        self.peft_model.peft_config["default"].base_model_name_or_path = getattr(
+            self.language_model.config, "_name_or_path", None)
+        # this model's keys (language_model.<LLM key>) as the PeftModel around the LLM names them
         llm_state = None if state_dict is None else {
-            k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)
+            "base_model.model." + k.removeprefix("language_model."): v.detach().cpu()
+            for k, v in state_dict.items() if k.startswith("language_model.")
         }
-        state = get_peft_model_state_dict(self.language_model, state_dict=llm_state)
-        if not state:  # an empty adapter file would load silently as "no LoRA"
+        if not get_peft_model_state_dict(self.peft_model, state_dict=llm_state):
+            # an empty adapter file would load silently as "no LoRA"
             raise RuntimeError(f"{path}: no LoRA weights found in the state dict to save; "
                                "was it gathered (ZeRO-3) and left unmodified?")
-        # PeftModel.save_pretrained writes the keys as seen from the PeftModel wrapper: base_model.model.<llm key>
-        save_file({f"base_model.model.{k}": v.detach().contiguous().cpu() for k, v in state.items()},
-                  path / "adapter_model.safetensors")
+        self.peft_model.save_pretrained(str(path), state_dict=llm_state)
 
     # ------------------------------------------------------------------ the speech path
 

@@ -15,21 +15,18 @@ on what else is in the batch (bs=1 == bs=N).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from tokenizers import AddedToken
-from transformers import AutoFeatureExtractor, AutoTokenizer, BatchFeature
+from transformers import BatchFeature, ProcessorMixin
 
 from ...audio import SAMPLE_RATE
 from ..speech_encoder import encoder_output_length, frame_spec_of, frames_per_second
 from .configuration_emoq import PLACEHOLDER_TOKEN
 
-PROCESSOR_FILE = "emoq_processor.json"
 DEFAULT_SYSTEM_PROMPT = "You are an expert in recognising emotions from speech."
 DEFAULT_QUESTION = "What emotion does the speaker express?"
 
@@ -69,8 +66,12 @@ def pad_ids(seqs, pad: int, side: str, ids_key: str, mask_key: str | None) -> di
     return {ids_key: ids, **({mask_key: mask} if mask_key else {})}
 
 
-class EmoQProcessor:
+class EmoQProcessor(ProcessorMixin):
     """Turns (audio, transcript, question[, answer]) into model inputs.
+
+    A transformers `ProcessorMixin`: `save_pretrained` writes the feature extractor, the tokenizer (with the
+    `<|emoq|>` token) and `processor_config.json` (the settings below); `from_pretrained` — or
+    `AutoProcessor.from_pretrained` once `emoq` is imported — reads them back.
 
     labels: the label words in id order (id2label); used for the answer options in the prompt and
         for `label_candidates()`.
@@ -92,12 +93,11 @@ class EmoQProcessor:
         max_transcript_tokens: int = 128,
         rationale_separator: str | None = None,
     ):
-        self.feature_extractor = feature_extractor
-        self.tokenizer = tokenizer
         if PLACEHOLDER_TOKEN not in tokenizer.get_vocab():
             tokenizer.add_tokens([AddedToken(PLACEHOLDER_TOKEN, special=True, normalized=False)])
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+        super().__init__(feature_extractor, tokenizer)
         self.labels = list(labels)
         self.num_query_tokens = num_query_tokens
         self.window_seconds = window_seconds
@@ -246,35 +246,7 @@ class EmoQProcessor:
     def decode(self, token_ids, **kwargs) -> list[str]:
         return self.tokenizer.batch_decode(token_ids, skip_special_tokens=True, **kwargs)
 
-    # ------------------------------------------------------------------ persistence
-
-    def to_dict(self) -> dict:
-        return {
-            "labels": self.labels,
-            "num_query_tokens": self.num_query_tokens,
-            "window_seconds": self.window_seconds,
-            "frames_per_second": self.frames_per_second,
-            "frame_spec": self.frame_spec,
-            "system_prompt": self.system_prompt,
-            "transcript_in_prompt": self.transcript_in_prompt,
-            "rationale_separator": self.rationale_separator,
-            "max_transcript_tokens": self.max_transcript_tokens,
-        }
-
-    def save_pretrained(self, path: str | Path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.feature_extractor.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-        (path / PROCESSOR_FILE).write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> EmoQProcessor:
-        path = Path(path)
-        if not (path / PROCESSOR_FILE).is_file():
-            raise FileNotFoundError(f"{path}: no {PROCESSOR_FILE}; not a folder saved by EmoQProcessor.save_pretrained")
-        settings = json.loads((path / PROCESSOR_FILE).read_text(encoding="utf-8"))
-        return cls(AutoFeatureExtractor.from_pretrained(path), AutoTokenizer.from_pretrained(path), **settings)
+    # ------------------------------------------------------------------ construction
 
     @classmethod
     def for_encoder(cls, feature_extractor, tokenizer, labels, audio_config, **kwargs) -> EmoQProcessor:
