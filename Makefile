@@ -32,7 +32,7 @@ demo: install
 	$(BIN)/emoq demo --out demo_out
 
 lint: install
-	$(BIN)/ruff check emoq recipes tests bench
+	$(BIN)/ruff check emoq tests bench
 
 bench: install
 	$(BIN)/python bench/run_all.py

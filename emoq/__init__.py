@@ -10,30 +10,43 @@ import) happens when transformers is first imported, so commands that never touc
 import importlib
 import importlib.abc
 import importlib.util
+import logging
 import sys
 
 __version__ = "0.1.0"
 
 
 def _register_with_transformers() -> None:
-    importlib.import_module("emoq.models")  # registers every model, config and processor on import
+    try:
+        importlib.import_module("emoq.models")  # registers every model, config and processor on import
+    except Exception as err:  # noqa: BLE001 - transformers itself must stay importable whatever happens here
+        logging.getLogger("emoq").warning("emoq's classes are not registered with transformers: %s", err)
 
 
 class _RegisterWhenTransformersLoads(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: when `transformers` is about to be imported, it lets the regular finders locate
-    it and arranges for emoq's classes to be registered right after the package has loaded."""
+    """Finds nothing itself: whenever `transformers` is looked up, it lets the regular finders locate it and
+    arranges for emoq's classes to be registered right after the package has actually loaded. It stays in
+    place until then, since a lookup (`importlib.util.find_spec`) need not be followed by a load."""
+
+    def __init__(self):
+        self._looking = False
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != "transformers":
+        if fullname != "transformers" or self._looking:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
+        self._looking = True
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._looking = False
         if spec is None or spec.loader is None:
             return spec
         load = spec.loader.exec_module
 
         def load_then_register(module):
             load(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             _register_with_transformers()
 
         spec.loader.exec_module = load_then_register
@@ -42,5 +55,5 @@ class _RegisterWhenTransformersLoads(importlib.abc.MetaPathFinder):
 
 if "transformers" in sys.modules:
     _register_with_transformers()
-elif not any(isinstance(finder, _RegisterWhenTransformersLoads) for finder in sys.meta_path):
+elif not any(type(finder).__name__ == "_RegisterWhenTransformersLoads" for finder in sys.meta_path):
     sys.meta_path.insert(0, _RegisterWhenTransformersLoads())

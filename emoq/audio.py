@@ -89,12 +89,7 @@ def load_audio(
     ``min_seconds``: shorter audio raises :class:`AudioError`. With ``return_info=True`` returns
     ``(audio, AudioInfo)``.
     """
-    name = os.fspath(path)
-    p = Path(name)
-    if not p.exists():
-        raise AudioError(name, "file not found")
-    if p.is_dir():
-        raise AudioError(name, "is a directory, not an audio file")
+    name, p = _existing_file(path)
     try:
         size = p.stat().st_size
         with open(p, "rb") as f:
@@ -104,6 +99,17 @@ def load_audio(
     if size == 0:
         raise AudioError(name, "empty file (0 bytes)")
     return _load(lambda: name, name, p.suffix.lower(), head, sr, max_seconds, min_seconds, return_info)
+
+
+def _existing_file(path) -> tuple[str, Path]:
+    """(name for messages, Path) of an audio path that exists and is not a folder, else AudioError."""
+    name = os.fspath(path)
+    p = Path(name)
+    if not p.exists():
+        raise AudioError(name, "file not found")
+    if p.is_dir():
+        raise AudioError(name, "is a directory, not an audio file")
+    return name, p
 
 
 def load_audio_bytes(
@@ -128,12 +134,7 @@ def load_audio_bytes(
 
 def audio_duration(path) -> float:
     """Duration of ``path`` in seconds, from the header when possible (no full decode)."""
-    name = os.fspath(path)
-    p = Path(name)
-    if not p.exists():
-        raise AudioError(name, "file not found")
-    if p.is_dir():
-        raise AudioError(name, "is a directory, not an audio file")
+    name, p = _existing_file(path)
     if p.stat().st_size == 0:
         raise AudioError(name, "empty file (0 bytes)")
     if p.suffix.lower() not in PYAV_EXTENSIONS:

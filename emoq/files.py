@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,13 +22,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     renamed to `path` when the block ends without an error, removed otherwise."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    while True:
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:  # mode 0o666 less the umask, like any new file (mkstemp's 0600 would make results private)
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            break
+        except FileExistsError:
+            continue
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -75,11 +81,14 @@ def atomic_folder(path: str | os.PathLike, keep_existing: bool = False) -> Itera
 
 
 def swap_in(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Put the finished folder `tmp` at `path`: an existing `path` is moved aside first, then deleted, so at
-    every moment `path` is either the old complete folder or the new one."""
+    """Put the finished folder `tmp` at `path`: an existing `path` is moved aside to `.NAME.old` first, then
+    deleted, so at every moment `path` is either the old complete folder or the new one (a `.NAME.old` left
+    by an interrupted swap is removed by the next one)."""
     tmp, path = Path(tmp), Path(path)
+    old = path.parent / f".{path.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
     if path.exists():
-        stale = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-        os.replace(path, stale / path.name)
-        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(path, old)
     os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)

@@ -127,10 +127,11 @@ class EmotionRecognizer:
 
     # ------------------------------------------------------------------ chat
 
-    def chat(self, audio: AudioInput, question: str, text: str | None = None, stream: bool = False,
+    def chat(self, audio: AudioInput, question: str | None, text: str | None = None, stream: bool = False,
              max_new_tokens: int = 64, sample_rate: int | None = None,
              history: Sequence[tuple[str, str]] = ()) -> str | Iterator[str]:
         """Free-form answer about one clip (greedy); `stream=True` yields text pieces as they are decoded.
+        `question=None` asks the model's default question (the one it was trained on).
 
         `history`: the earlier (question, answer) turns of a conversation about this clip.
         """

@@ -1,6 +1,7 @@
 """The package as a user installs it: built into a wheel, installed into a fresh virtual environment (which
 reuses this environment's dependencies, not its editable emoq), and used from an empty folder."""
 
+import shutil
 import site
 import subprocess
 import sys
@@ -17,8 +18,13 @@ REPO = Path(__file__).resolve().parents[1]
 def wheel_env(tmp_path_factory):
     """(the installed `emoq` command, the fresh environment's python) of a wheel built from this checkout."""
     root = tmp_path_factory.mktemp("wheel")
+    # built from a copy of the sources, so the build leaves no build/ or egg-info folder in the checkout
+    source = root / "source"
+    shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "demo_out", "results", ".torch_extensions", "__pycache__",
+        ".pytest_cache", ".ruff_cache", ".cache"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(root / "dist"), str(REPO)], capture_output=True, text=True, timeout=300)
+                            "-w", str(root / "dist"), str(source)], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, tail(build.stderr)
     (wheel,) = (root / "dist").glob("emoq-*.whl")
     env = root / "venv"

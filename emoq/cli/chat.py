@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from ..audio import SAMPLE_RATE
-
 
 def run_chat(args) -> int:
     from ..audio import AudioError
@@ -54,6 +52,8 @@ def _session(recognizer, clip, args, audio_error) -> int:
 
 def _answer(recognizer, clip, question: str, args, history: list[tuple[str, str]]) -> str:
     """Stream one answer to stdout and return it whole."""
+    from ..audio import SAMPLE_RATE
+
     pieces = []
     for piece in recognizer.chat(clip, question, text=args.text, stream=True, max_new_tokens=args.max_new_tokens,
                                  sample_rate=SAMPLE_RATE, history=history):

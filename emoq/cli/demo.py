@@ -32,7 +32,7 @@ def run_demo(args) -> int:
         recipe.cleanup(ctx, recipe.train(ctx))
         print(f"[demo] {name}: {time.time() - t:.0f} s", flush=True)
     model = Path(cfg.stage2.output_dir) / "final"
-    from .main import main as cli
+    from .parser import main as cli
 
     t = time.time()
     if cli(["eval", "--model", str(model), "--dataset", "meld", "--root", str(corpus), "--split", "test",

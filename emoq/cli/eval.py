@@ -40,14 +40,16 @@ def run_eval(args) -> int:
     if args.mode == "generate" and not recognizer.can_chat:
         sys.exit(f"emoq eval: {args.model}: {recognizer.no_chat_message()}")
     labels = recognizer.labels  # the trained order (id2label in the saved config), never re-derived
+    run_config = weights_folder(args.model) / "run_config.yaml"
+    trained_with = yaml.safe_load(run_config.read_text(encoding="utf-8")) if run_config.is_file() else {}
+    # IEMOCAP's dev part is carved out of the training sessions: the same fraction as in training
+    dev_fraction = (trained_with.get("data") or {}).get("dev_fraction", 0.1)
     rows = read_split(dataset, args.split, root=args.root, manifest=args.manifest, label_set=args.label_set,
-                      fold=args.fold)
+                      fold=args.fold, dev_fraction=dev_fraction)
     label_set = get_label_set(args.label_set or DEFAULT_LABEL_SETS.get(dataset, "meld7"))
     results = score_rows_sharded(recognizer, [Row.from_utterance(u) for u in rows], state, mode=args.mode,
                                  batch_size=args.batch_size, label_set=label_set)
     records = [eval_record(r) for r in results]
-    run_config = weights_folder(args.model) / "run_config.yaml"
-    trained_with = yaml.safe_load(run_config.read_text(encoding="utf-8")) if run_config.is_file() else {}
     metrics = summarise(records, labels, protocol(
         source=split_source(dataset, args.split, manifest=args.manifest, fold=args.fold), labels=labels,
         mode=args.mode, model=str(args.model), num_processes=state.num_processes if state is not None else 1,

@@ -6,8 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..data.prepare import DATASETS, prepare
-from ..data.records import DatasetError
+from ..data.splits import DATASETS
 
 
 def add_parser(subparsers):
@@ -44,6 +43,9 @@ def add_parser(subparsers):
 
 def run(args) -> int:
     """``args.func`` of ``emoq prepare``: exit code 0 when at least one clip converted."""
+    from ..data.prepare import prepare
+    from ..data.records import DatasetError
+
     try:
         report = prepare(
             args.dataset, args.root, args.out, splits=args.splits, workers=args.workers,

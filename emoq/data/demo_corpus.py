@@ -1,7 +1,7 @@
 """The offline demo corpus: synthesised emotional speech in the MELD layout.
 
 No emotional speech corpus can be downloaded here, so the demo synthesises one with espeak-ng
-(:func:`emoq.tts.synthesize`). The seven MELD emotions are expressed only through *how* a sentence
+(:func:`emoq.data.tts.synthesize`). The seven MELD emotions are expressed only through *how* a sentence
 is spoken — speaking rate, pitch, pitch range, loudness and voice quality (breathy, tense or modal
 phonation, see :data:`VOICE_QUALITY`) — with per-utterance random jitter, so the
 classes overlap a little but stay learnable by listening (roughly: sadness slow/low/flat/quiet,
@@ -131,7 +131,7 @@ def _set_espeak_seed(seed: int) -> None:
     """Seed espeak-ng's random generator (breath/jitter noise) for the next utterance."""
     import espeakng_loader
 
-    lib = ctypes.CDLL(espeakng_loader.get_library_path())  # same handle emoq.tts already opened
+    lib = ctypes.CDLL(espeakng_loader.get_library_path())  # same handle emoq.data.tts already opened
     fn = getattr(lib, "espeak_ng_SetRandSeed", None)
     if fn is not None:
         fn.argtypes = [ctypes.c_long]

@@ -20,7 +20,8 @@ is missing is still returned (``extra["audio_missing"] = True``). A line that lo
 evaluation line but does not parse, an unknown emotion code or a duplicate utterance id raises
 :class:`~emoq.data.records.DatasetError` naming the file and line.
 
-``Utterance.split`` is ``"Session{N}"``; folds are applied with :func:`split_by_sessions`.
+``Utterance.split`` is ``"Session{N}"``; training and `emoq eval` pick a fold's train / dev / test utterances with
+:func:`emoq.data.splits.read_split` (:func:`split_by_sessions` splits by sessions directly).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..files import atomic_folder, atomic_open
 from ..labels import LabelSet, UnknownLabelError, get_label_set
-from .records import DatasetError, Utterance, UtteranceList
+from .records import DatasetError, Utterance, UtteranceList, raise_row_errors
 
 __all__ = ["read_manifest", "write_manifest", "load_manifest_dataset", "DATASET_COLUMNS"]
 
@@ -106,12 +106,7 @@ def read_manifest(path, split: str | None = None, label_set: str | LabelSet | No
                     extra=extra,
                 )
             )
-    if len(errors) == 1:
-        raise DatasetError(errors[0])
-    if errors:
-        shown = "\n  ".join(errors[:20])
-        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise DatasetError(f"{len(errors)} bad line(s) in {path}:\n  {shown}{more}")
+    raise_row_errors(errors, path, rows="line")
     return out
 
 

@@ -38,7 +38,7 @@ import re
 from pathlib import Path
 
 from ..labels import LabelSet, UnknownLabelError, get_label_set
-from .records import DatasetError, Utterance, UtteranceList
+from .records import DatasetError, Utterance, UtteranceList, raise_row_errors
 
 __all__ = ["read_meld", "MELD_SPLITS", "MELD_COLUMNS", "decode_csv_bytes", "clip_path", "meld_csv_path"]
 
@@ -274,12 +274,7 @@ def read_meld(root, split: str, label_set: str | LabelSet = "meld7", csv_path=No
                 extra=extra,
             )
         )
-    if len(errors) == 1:
-        raise DatasetError(errors[0])
-    if errors:
-        shown = "\n  ".join(errors[:20])
-        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise DatasetError(f"{len(errors)} bad row(s) in {path}:\n  {shown}{more}")
+    raise_row_errors(errors, path)
     if n_missing:
         note = f"{path}: {n_missing} of {len(utterances)} clip(s) not found under {clip_dir}"
         logger.warning(note)

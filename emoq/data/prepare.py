@@ -41,12 +41,12 @@ from pathlib import Path
 from ..audio import SAMPLE_RATE
 from ..files import atomic_write_text
 from .records import DatasetError, Utterance
+from .splits import DATASETS
 
 __all__ = ["prepare", "PrepareReport"]
 
 logger = logging.getLogger("emoq.data.prepare")
 
-DATASETS = ("meld", "iemocap", "manifest")
 STATE_FILE = ".emoq_prepare.json"
 _STATE_VERSION = 1
 

@@ -16,6 +16,17 @@ class DatasetError(ValueError):
     """
 
 
+def raise_row_errors(errors: list[str], path, rows: str = "row") -> None:
+    """A reader's rejected rows as one DatasetError that names the file and lists them (the first 20);
+    nothing when there are none."""
+    if len(errors) == 1:
+        raise DatasetError(errors[0])
+    if errors:
+        shown = "\n  ".join(errors[:20])
+        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise DatasetError(f"{len(errors)} bad {rows}(s) in {path}:\n  {shown}{more}")
+
+
 @dataclass
 class Utterance:
     """One utterance of any corpus.

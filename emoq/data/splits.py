@@ -1,4 +1,4 @@
-"""The one place that turns (dataset, split) into utterances, for training, `emoq eval` and `emoq predict`.
+"""The one place that turns (dataset, split) into utterances, for training and `emoq eval`.
 
 MELD has official train / dev / test CSVs; a manifest is one JSONL file per split; IEMOCAP is
 leave-one-session-out: `test` is the held-out session `fold`, and `dev` is carved out of the training
@@ -15,6 +15,7 @@ from pathlib import Path
 from .records import DatasetError, UtteranceList
 
 DATASETS = ("meld", "iemocap", "manifest")
+SPLITS = ("train", "dev", "test")
 #: the label set a dataset is read with when none is named
 DEFAULT_LABEL_SETS = {"meld": "meld7", "iemocap": "iemocap4"}
 
@@ -24,6 +25,8 @@ def read_split(dataset: str, split: str, *, root: str | Path | None = None, mani
     """Every utterance of `split` ('train', 'dev', 'test') of `dataset`, in corpus order, none filtered out
     (rows whose audio is unusable are there, for the caller to report)."""
     label_set = label_set or DEFAULT_LABEL_SETS.get(dataset)
+    if split not in SPLITS and dataset != "meld":  # MELD's reader knows its own aliases (valid, val, ...)
+        raise DatasetError(f"dataset {dataset}: unknown split '{split}' (expected one of {', '.join(SPLITS)})")
     if dataset == "manifest":
         from .manifest import read_manifest
 
@@ -55,8 +58,8 @@ def split_source(dataset: str, split: str, *, manifest: str | Path | None = None
     """How a results file names what was read: 'meld:test', 'iemocap:Session5', 'manifest:PATH'."""
     if dataset == "manifest":
         return f"manifest:{manifest}"
-    if dataset == "iemocap" and split == "test":
-        return f"iemocap:Session{fold}"
+    if dataset == "iemocap":
+        return f"iemocap:Session{fold}" if split == "test" else f"iemocap:{split} (Session{fold} held out)"
     return f"{dataset}:{split}"
 
 

@@ -133,7 +133,7 @@ def synthesize(
     with _LOCK:
         lib = _engine()
         if lib.espeak_SetVoiceByName(voice.encode()) != _EE_OK:
-            raise ValueError(f"unknown espeak voice {voice!r}; see emoq.tts.list_voices()")
+            raise ValueError(f"unknown espeak voice {voice!r}; see emoq.data.tts.list_voices()")
         # The voice is set first: loading a voice may reset pitch and range to its own defaults.
         _check(lib.espeak_SetParameter(_PARAM_RATE, int(rate), 0), "SetParameter(rate)")
         _check(lib.espeak_SetParameter(_PARAM_VOLUME, int(volume), 0), "SetParameter(volume)")

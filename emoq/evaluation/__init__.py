@@ -1,8 +1,3 @@
-"""Evaluation: one row scorer shared by `emoq eval` and `emoq predict`, the literature's metrics, and the
-reports that carry the protocol next to the numbers."""
-
-from .metrics import METRIC_DEFINITIONS, compute_metrics
-from .runner import Row, RowResult, map_answer, score_rows, score_rows_sharded
-
-__all__ = ["METRIC_DEFINITIONS", "Row", "RowResult", "compute_metrics", "map_answer", "score_rows",
-           "score_rows_sharded"]
+"""Evaluation: `runner` (one row scorer shared by `emoq eval` and `emoq predict`, sharded over ranks),
+`metrics` (the literature's WA / UA / weighted and macro F1, scikit-learn underneath) and `report` (the files
+an evaluation leaves, with the protocol next to the numbers)."""

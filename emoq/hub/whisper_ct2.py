@@ -75,8 +75,6 @@ def read_ct2_model(path: str | os.PathLike) -> tuple[str, dict[str, np.ndarray]]
     return spec_name, variables
 
 
-
-
 def _ct2_scalar(variables: dict[str, np.ndarray], name: str) -> int:
     return int(np.asarray(variables[name]).reshape(-1)[0])
 

@@ -120,8 +120,6 @@ def _stage1_model(cfg: RunConfig, init_from: str):
                                                     quantization=m.quantization, dtype=dtype)
 
 
-
-
 def _from_pretrained_parts(cfg: RunConfig, labels: list[str]):
     from transformers import AutoConfig, AutoFeatureExtractor, AutoTokenizer
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from support.media import read_jsonl
 
 from emoq.audio import write_wav
 from emoq.cli import main as cli
@@ -45,10 +46,6 @@ def _clip(seed: int, seconds: float = 1.0):
     return (np.random.default_rng(seed).standard_normal(int(16000 * seconds)) * 0.1).astype(np.float32), 16000
 
 
-def _rows(path):
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
 def test_predict_reports_every_input_in_order(lora_model, wavs, tmp_path):
     corrupt = tmp_path / "corrupt.wav"
     corrupt.write_bytes(b"this is not audio at all")
@@ -56,7 +53,7 @@ def test_predict_reports_every_input_in_order(lora_model, wavs, tmp_path):
     inputs = [str(wavs[0]), str(corrupt), str(wavs[1]), str(missing), str(wavs[2])]
     out = tmp_path / "preds" / "predictions.jsonl"
     assert cli(["predict", "--model", str(lora_model), "--out", str(out), "--batch-size", "2", *inputs]) == 0
-    rows = _rows(out)
+    rows = read_jsonl(out)
     assert [r["input"] for r in rows] == inputs
     assert [r["status"] for r in rows] == ["ok", "error", "ok", "error", "ok"]
     for r in rows:
@@ -84,7 +81,7 @@ def test_predict_manifest_and_nothing_predictable(lora_model, wavs, tmp_path):
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     out = tmp_path / "p.jsonl"
     assert cli(["predict", "--model", str(lora_model), "--out", str(out), "--manifest", str(manifest)]) == 0
-    got = _rows(out)
+    got = read_jsonl(out)
     assert [(r["key"], r["status"], r["gold"]) for r in got] == [("a", "ok", "joy"), ("b", "error", "anger"),
                                                                   ("c", "error", None)]
     assert "gone.wav" in got[1]["error"] and got[2]["error"] == "c.mp4: conversion failed"
@@ -94,7 +91,7 @@ def test_predict_manifest_and_nothing_predictable(lora_model, wavs, tmp_path):
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"%PDF-1.4 not audio")
     assert cli(["predict", "--model", str(lora_model), "--out", str(tmp_path / "none.jsonl"), str(bad)]) == 1
-    assert _rows(tmp_path / "none.jsonl")[0]["status"] == "error"
+    assert read_jsonl(tmp_path / "none.jsonl")[0]["status"] == "error"
 
 
 def _safetensors_keys(folder):

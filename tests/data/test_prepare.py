@@ -15,6 +15,7 @@ from support.media import (
     build_meld_tree,
     good_mp4,
     good_wav,
+    read_jsonl,
     write_mp4,
     write_nonfinite_wav,
     write_tone,
@@ -75,14 +76,10 @@ def meld_root(tmp_path_factory):
     return root
 
 
-def _rows(path):
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
 def test_prepare_meld_reports_every_row(meld_root, tmp_path, capsys):
     out = tmp_path / "out"
     report = prepare("meld", meld_root, out, workers=1)
-    rows = _rows(out / "train.jsonl")
+    rows = read_jsonl(out / "train.jsonl")
     assert len(rows) == len(CASES)  # no row lost
     assert [r["key"] for r in rows] == [f"train/dia{c[0]}_utt{c[1]}" for c in CASES]
     for row, case in zip(rows, CASES, strict=True):
@@ -104,7 +101,7 @@ def test_prepare_meld_reports_every_row(meld_root, tmp_path, capsys):
             assert "Traceback" not in row["error"]
     long_row = rows[8]
     assert long_row["duration"] == pytest.approx(60.0) and long_row["truncated"] is False  # kept whole
-    assert len(_rows(out / "dev.jsonl")) == 2
+    assert len(read_jsonl(out / "dev.jsonl")) == 2
     n_ok = sum(c[5] == "ok" for c in CASES)
     assert report.ok == n_ok + 1 and report.error == len(CASES) - n_ok + 1 and report.exit_code == 0
     assert report.decoded == len(CASES) + 2 and report.reused == 0
@@ -169,7 +166,7 @@ def test_prepare_1000_clips_two_workers_progress_and_no_work_on_rerun(tmp_path, 
     captured = capsys.readouterr()
     assert pools == [2]  # decoded by a 2-process pool
     assert "decoding: 100%" in captured.err and f"{N_CLIPS}/{N_CLIPS}" in captured.err  # the progress bar
-    rows = _rows(out / "train.jsonl")
+    rows = read_jsonl(out / "train.jsonl")
     assert len(rows) == N_CLIPS and [r["key"] for r in rows] == [f"train/dia{i // 10}_utt{i % 10}" for i in range(N_CLIPS)]
     assert {i for i, r in enumerate(rows) if r["status"] == "error"} == set(BAD)
     assert first.ok == N_CLIPS - len(BAD) and first.error == len(BAD) and first.decoded == N_CLIPS
@@ -192,14 +189,14 @@ def test_prepare_1000_clips_two_workers_progress_and_no_work_on_rerun(tmp_path, 
     good_wav(0.25)(root / "train_splits" / "dia25_utt0")  # was text bytes, same path
     third = prepare("meld", root, out, workers=1, quiet=True)
     assert third.decoded == 2 and third.reused == N_CLIPS - 2 and third.error == len(BAD) - 2
-    rows = _rows(out / "train.jsonl")
+    rows = read_jsonl(out / "train.jsonl")
     assert rows[7]["status"] == rows[250]["status"] == "ok" and rows[499]["status"] == "error"
 
 
 def test_prepare_max_seconds_truncates_and_lists(meld_root, tmp_path, caplog):
     out = tmp_path / "out"
     report = prepare("meld", meld_root, out, splits=["train"], workers=1, max_seconds=5.0, quiet=True)
-    row = {r["key"]: r for r in _rows(out / "train.jsonl")}["train/dia2_utt0"]
+    row = {r["key"]: r for r in read_jsonl(out / "train.jsonl")}["train/dia2_utt0"]
     assert row["status"] == "ok" and row["duration"] == pytest.approx(5.0) and row["truncated"] is True
     assert row["source_duration"] == pytest.approx(60.0)
     assert report.truncated == [("train/dia2_utt0", pytest.approx(60.0))]
@@ -209,7 +206,7 @@ def test_prepare_max_seconds_truncates_and_lists(meld_root, tmp_path, caplog):
     # changing the setting re-decodes instead of reusing 5 s wavs
     again = prepare("meld", meld_root, out, splits=["train"], workers=1, quiet=True)
     assert again.reused == 0
-    row = {r["key"]: r for r in _rows(out / "train.jsonl")}["train/dia2_utt0"]
+    row = {r["key"]: r for r in read_jsonl(out / "train.jsonl")}["train/dia2_utt0"]
     assert row["duration"] == pytest.approx(60.0)
 
 
@@ -239,7 +236,7 @@ def test_prepare_iemocap_by_session(tmp_path):
     out = tmp_path / "out"
     report = prepare("iemocap", root, out, workers=1, quiet=True)
     assert set(report.manifests) == {"Session1", "Session5"}
-    s5 = _rows(out / "Session5.jsonl")
+    s5 = read_jsonl(out / "Session5.jsonl")
     assert len(s5) == 9 and sum(r["status"] == "error" for r in s5) == 1
     assert {r["label"] for r in s5} == {"neutral", "happy", "angry", "sad"}
     assert report.excluded == {"fru": 2, "xxx": 2, "sur": 2, "oth": 2}
@@ -247,7 +244,7 @@ def test_prepare_iemocap_by_session(tmp_path):
     patamia = prepare("iemocap", root, tmp_path / "pat", splits=["Session5"], protocol="iemocap_patamia4",
                       workers=1, quiet=True)
     assert set(patamia.manifests) == {"Session5"}
-    assert {r["label"] for r in _rows(tmp_path / "pat" / "Session5.jsonl")} == {"angry", "excited", "neutral", "sad"}
+    assert {r["label"] for r in read_jsonl(tmp_path / "pat" / "Session5.jsonl")} == {"angry", "excited", "neutral", "sad"}
 
 
 def test_prepare_manifest_input(tmp_path):
@@ -258,7 +255,7 @@ def test_prepare_manifest_input(tmp_path):
         json.dumps({"audio": "a.wav", "label": "joy", "text": "x"}) + "\n" + json.dumps({"audio": "b.wav"}) + "\n"
     )
     report = prepare("manifest", clips / "train.jsonl", tmp_path / "out", workers=1, quiet=True)
-    rows = _rows(tmp_path / "out" / "train.jsonl")
+    rows = read_jsonl(tmp_path / "out" / "train.jsonl")
     assert [r["status"] for r in rows] == ["ok", "error"] and report.ok == 1
     assert rows[0]["label"] == "joy" and rows[0]["audio"] == "wav/train/1.wav"
     with pytest.raises(ValueError, match="must differ"):

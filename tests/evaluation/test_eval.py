@@ -22,7 +22,7 @@ from support.corpora import TONES, make_tone_corpus
 from support.environment import tail
 
 from emoq.cli import main as cli
-from emoq.evaluation import map_answer
+from emoq.evaluation.runner import map_answer
 from emoq.inference import EmotionRecognizer
 from emoq.labels import UNMAPPED, get_label_set
 

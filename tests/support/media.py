@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+
+
+def read_jsonl(path) -> list[dict]:
+    """The records of a JSON-lines file (a manifest, `emoq predict` output)."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
 
 MELD_HEADER = [
     "Sr No.", "Utterance", "Speaker", "Emotion", "Sentiment",

@@ -92,17 +92,17 @@ def test_resume_reproduces_the_uninterrupted_run(corpus, tmp_path, capsys, recip
     """Interrupted after step 4 (last checkpoint: step 3), rerun: the same losses and weights as a run that
     never stopped — with dropout on (RNG state restored), mid-epoch (skip_first_batches), and in stage 2
     with LoRA dropout and the LM loss."""
-    module = load_recipe(recipe)
+    trainer = load_recipe(recipe)
     common = ("trainer.max_steps=8", "trainer.save_every=3", "trainer.batch_size=4", "trainer.eval_every=100",
               "model.qformer.hidden_dropout_prob=0.1", "model.lora.lora_dropout=0.1", "stage2.init_from=null")
-    ctx = module.setup(tiny_test_config(corpus, tmp_path / "full", *common))
-    full = module.train(ctx)
-    ctx = module.setup(tiny_test_config(corpus, tmp_path / "cut", *common))
-    part = module.train(ctx, stop_after=4)  # "interrupted" after step 4: last checkpoint is step 3
+    ctx = trainer.setup(tiny_test_config(corpus, tmp_path / "full", *common))
+    full = trainer.train(ctx)
+    ctx = trainer.setup(tiny_test_config(corpus, tmp_path / "cut", *common))
+    part = trainer.train(ctx, stop_after=4)  # "interrupted" after step 4: last checkpoint is step 3
     assert part.step == 4 and latest_checkpoint(tmp_path / "cut" / stage).name == "checkpoint-3"
-    ctx = module.setup(tiny_test_config(corpus, tmp_path / "cut", *common))
+    ctx = trainer.setup(tiny_test_config(corpus, tmp_path / "cut", *common))
     capsys.readouterr()
-    resumed = module.train(ctx)
+    resumed = trainer.train(ctx)
     assert "checkpoint-3 at step 3" in capsys.readouterr().out  # resumed, not restarted
     assert resumed.step == 8
     np.testing.assert_allclose(resumed.losses, full.losses, rtol=1e-6, atol=1e-6)

@@ -204,9 +204,17 @@ class EmoQForConditionalGeneration(EmoQPreTrainedModel, GenerationMixin):
         itself stays `self.language_model`, so checkpoint keys and the LLM's tied weights are the plain LLM's
         with or without an adapter. `lora`: `peft.LoraConfig` arguments (`model.lora` of a run config);
         target module names only match inside the LLM, the one model the adapter goes into."""
+        import dataclasses
+
         from peft import LoraConfig, get_peft_model
 
+        unknown = set(lora) - {f.name for f in dataclasses.fields(LoraConfig)}
+        if unknown:
+            raise ValueError(f"lora settings {sorted(unknown)} are not peft.LoraConfig fields (LoRA takes peft's own "
+                             "names: r, lora_alpha, lora_dropout, target_modules, ...)")
         settings = {**LoraSettings().peft_kwargs(), **lora}
+        # LoRA weights are kept in fp32 whatever the LLM's dtype (peft's default), so an optimiser step on a
+        # bf16 LLM updates full-precision adapters
         return get_peft_model(self.language_model, LoraConfig(**settings, bias="none"))
 
     def adapter_parameters(self) -> list[nn.Parameter]:
@@ -392,7 +400,8 @@ class EmoQForConditionalGeneration(EmoQPreTrainedModel, GenerationMixin):
             # an empty adapter file would load silently as "no LoRA"
             raise RuntimeError(f"{path}: no LoRA weights found in the state dict to save; "
                                "was it gathered (ZeRO-3) and left unmodified?")
-        self.peft_model.save_pretrained(str(path), state_dict=llm_state)
+        # the embeddings are never adapted here; without this, peft would look the base model up (on the Hub)
+        self.peft_model.save_pretrained(str(path), state_dict=llm_state, save_embedding_layers=False)
 
     # ------------------------------------------------------------------ the speech path
 

@@ -86,7 +86,6 @@ class EmoQProcessor(ProcessorMixin):
         labels: list[str],
         num_query_tokens: int = 32,
         window_seconds: float | None = None,
-        frames_per_second: float = 50.0,
         frame_spec: dict | None = None,
         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
         transcript_in_prompt: bool = True,
@@ -101,13 +100,17 @@ class EmoQProcessor(ProcessorMixin):
         self.labels = list(labels)
         self.num_query_tokens = num_query_tokens
         self.window_seconds = window_seconds
-        self.frames_per_second = frames_per_second
         self.frame_spec = frame_spec or {"kind": "whisper"}
         self.system_prompt = system_prompt
         self.transcript_in_prompt = transcript_in_prompt
         self.rationale_separator = rationale_separator
         self.max_transcript_tokens = max_transcript_tokens
         self.sampling_rate = getattr(feature_extractor, "sampling_rate", SAMPLE_RATE)
+
+    @property
+    def frames_per_second(self) -> float:
+        """Encoder frames per second of audio (what a `window_seconds` window holds)."""
+        return frames_per_second(self.frame_spec)
 
     @property
     def audio_token_id(self) -> int:
@@ -251,6 +254,4 @@ class EmoQProcessor(ProcessorMixin):
     @classmethod
     def for_encoder(cls, feature_extractor, tokenizer, labels, audio_config, **kwargs) -> EmoQProcessor:
         """Processor whose frame arithmetic matches the encoder described by `audio_config`."""
-        spec = frame_spec_of(audio_config)
-        return cls(feature_extractor, tokenizer, labels, frame_spec=spec, frames_per_second=frames_per_second(spec),
-                   **kwargs)
+        return cls(feature_extractor, tokenizer, labels, frame_spec=frame_spec_of(audio_config), **kwargs)

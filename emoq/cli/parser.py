@@ -1,4 +1,4 @@
-"""`emoq`: the parser that gathers every subcommand, and the entry point.
+"""`emoq`: the parser that gathers every subcommand, and the entry point (`emoq.cli.main`).
 
 Each subcommand lives in its own module under `emoq.cli` and exposes `add_parser(subparsers)`; those
 modules keep their heavy imports (torch, transformers) inside functions so building the parser stays cheap.
