@@ -7,7 +7,7 @@ export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test test-fast demo lint bench clean
+.PHONY: install test test-scale test-fast demo lint bench clean
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: install
 	EMOQ_REQUIRE_ALL=1 $(BIN)/python -m pytest -q
+
+# every shipped real-scale config x every accelerate config it is meant for x {bf16, fp32}, at tiny size
+test-scale: install
+	EMOQ_SCALE_MATRIX=full $(BIN)/python -m pytest -q tests/training/test_scale_matrix.py
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -1,6 +1,6 @@
 """Evaluation throughput (utterances/s): batch size 1 vs batched, label scoring vs free generation.
 
-    python bench/bench_eval_throughput.py --model demo_out/runs/demo_cpu/stage2/final [--n 32]
+    python bench/bench_eval_throughput.py --model demo_out/runs/demo_cpu/stage2/best [--n 32]
 
 Uses clips of the demo corpus test split (or random noise clips if --corpus is not given).
 Prints a markdown table of utterances/s and the ratios quoted in the README.

@@ -4,8 +4,8 @@
 
 Trains Qieemo and Patamia et al. 2023 with `emoq run train_baseline` (configs qieemo/demo_cpu,
 patamia/demo_cpu: same corpus, MAL loss, loop and dev selection as EmoQ), scores each with
-`emoq eval` on the demo test split, and prints one markdown table next to EmoQ's own
-`demo_out/eval/metrics.json`. Training time is wall-clock on this machine.
+`emoq eval` on the demo test split — every system's dev-selected checkpoint (`best/`), as EmoQ's — and
+prints one markdown table next to EmoQ's own `demo_out/eval/metrics.json`. Training time is wall-clock on this machine.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def main() -> None:
              f"trainer.output_dir={run_dir}")
         seconds = time.time() - start
         eval_dir = out / f"eval_{system}"
-        emoq("eval", "--model", str(run_dir / "baseline" / "final"), "--dataset", "meld", "--root", str(corpus),
+        emoq("eval", "--model", str(run_dir / "baseline" / "best"), "--dataset", "meld", "--root", str(corpus),
              "--split", "test", "--out", str(eval_dir))
         rows.append((system, json.loads((eval_dir / "metrics.json").read_text()), seconds))
     print("\n| system | test weighted F1 | accuracy (WA) | UA | macro F1 | rows scored | training time |")

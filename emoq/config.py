@@ -150,7 +150,8 @@ class StageConfig:
     lr_qformer: float | None = None  # per-module-group learning rates (None = learning_rate)
     lr_lora: float | None = None
     output_dir: str = ""
-    init_from: str | None = None  # stage 2: the stage-1 output folder (LAVIS habit)
+    # stage 2: the stage-1 checkpoint it continues (LAVIS habit); by default `best`, the one dev selected
+    init_from: str | None = None
     cache_encoder_features: bool = False
 
 
@@ -170,7 +171,7 @@ class RunConfig:
     )
     stage2: StageConfig = field(
         default_factory=lambda: StageConfig(
-            epochs=3.0, learning_rate=2e-4, output_dir="${trainer.output_dir}/stage2", init_from="${stage1.output_dir}/final"
+            epochs=3.0, learning_rate=2e-4, output_dir="${trainer.output_dir}/stage2", init_from="${stage1.output_dir}/best"
         )
     )
 
@@ -261,10 +262,23 @@ def to_dict(cfg: Any) -> dict:
 # --------------------------------------------------------------------------- overrides + interpolation
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """YAML as YAML 1.2 reads booleans: only true / false. PyYAML's YAML 1.1 default also reads no / yes /
+    on / off as booleans, which turned `mixed_precision: no` (accelerate's own spelling) into False."""
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+
+
 def _parse_override_value(text: str) -> Any:
     """Parse the right-hand side of ``key=value`` with YAML rules (``1e-4``, ``null``, ``[1,2]``, ``true``)."""
     try:
-        return yaml.safe_load(text) if text != "" else ""
+        return yaml.load(text, Loader=ConfigLoader) if text != "" else ""
     except yaml.YAMLError:
         return text
 
@@ -326,7 +340,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=ConfigLoader) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
         if not isinstance(data, dict):

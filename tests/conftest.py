@@ -21,6 +21,11 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+    if os.environ.get("EMOQ_SCALE_MATRIX") != "full":
+        rest = pytest.mark.skip(reason="beyond the make-test slice of the scale matrix: run make test-scale")
+        for item in items:
+            if "scale" in item.keywords:
+                item.add_marker(rest)
 
 
 @pytest.fixture

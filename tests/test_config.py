@@ -38,13 +38,24 @@ def test_wrong_type_is_an_error_naming_the_key(tmp_path):
         load_config(f)
 
 
+def test_no_and_yes_are_strings_true_and_false_are_booleans(tmp_path):
+    """YAML 1.2 booleans: accelerate's `mixed_precision: no` is the string 'no', in a file and on the command line."""
+    f = tmp_path / "precision.yaml"
+    f.write_text("trainer:\n  mixed_precision: no\n  resume: false\n")
+    assert load_config(f).trainer.mixed_precision == "no" and load_config(f).trainer.resume is False
+    cfg = load_config(f, ["trainer.mixed_precision=no", "trainer.resume=true"])
+    assert cfg.trainer.mixed_precision == "no" and cfg.trainer.resume is True
+    with pytest.raises(ConfigError, match="'trainer.resume' expects bool"):
+        load_config(f, ["trainer.resume=yes"])
+
+
 def test_overrides_are_typed_and_interpolated(tmp_path):
     f = tmp_path / "ok.yaml"
     f.write_text("run_name: exp\nmodel:\n  lora:\n    r: 4\n")
     cfg = load_config(f, ["trainer.output_dir=out/${run_name}", "stage1.learning_rate=1e-3", "model.encoder_layers=[2,3]"])
     assert cfg.trainer.output_dir == "out/exp"
     assert cfg.stage1.output_dir == "out/exp/stage1"
-    assert cfg.stage2.init_from == "out/exp/stage1/final"
+    assert cfg.stage2.init_from == "out/exp/stage1/best"  # the dev-selected stage-1 checkpoint
     assert cfg.stage1.learning_rate == pytest.approx(1e-3)
     assert cfg.model.encoder_layers == [2, 3] and cfg.model.lora.r == 4
     with pytest.raises(ConfigError, match="command line: 'trainer.max_steps' expects int"):

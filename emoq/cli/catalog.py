@@ -5,7 +5,15 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..recipes import CONFIGS_DIR, RECIPES, NotShippedError, find_shipped, run_configs, shipped_configs
+from ..recipes import (
+    CONFIGS_DIR,
+    RECIPES,
+    NotShippedError,
+    find_shipped,
+    run_configs,
+    shipped_configs,
+    shipped_scripts,
+)
 
 
 def shipped(name: str, command: str) -> Path:
@@ -28,6 +36,9 @@ def cmd_ls(args) -> int:
     for name in shipped_configs():
         if name.startswith(("accelerate/", "deepspeed/")):
             print(f"  {name}")
+    print("Cluster scripts (emoq cp NAME .):")
+    for name in shipped_scripts():
+        print(f"  {name}")
     print("Built-in models (offline, from PyPI packages):")
     for name, desc in BUILTIN_MODELS.items():
         print(f"  {'builtin:' + name:40s} {desc}")
@@ -70,7 +81,8 @@ def add_parsers(subparsers) -> None:
     p.set_defaults(func=cmd_ls)
 
     p = subparsers.add_parser("cp", help="copy a recipe or config out for editing")
-    p.add_argument("name", help="recipe (e.g. stage2_llm) or config (e.g. emoq/demo_cpu)")
+    p.add_argument("name", help="recipe (e.g. stage2_llm), config (e.g. emoq/demo_cpu) or cluster script "
+                   "(e.g. slurm/stage2_multinode.sbatch)")
     p.add_argument("dest", help="destination file or folder")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(func=cmd_cp)

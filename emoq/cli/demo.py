@@ -31,7 +31,7 @@ def run_demo(args) -> int:
         ctx = recipe.setup(cfg)
         recipe.cleanup(ctx, recipe.train(ctx))
         print(f"[demo] {name}: {time.time() - t:.0f} s", flush=True)
-    model = Path(cfg.stage2.output_dir) / "final"
+    model = Path(cfg.stage2.output_dir) / "best"  # the dev-selected checkpoint, as stage 2 started from stage 1's
     from .parser import main as cli
 
     t = time.time()

@@ -22,7 +22,11 @@ SUBCOMMANDS = {
     "export": "export",
     "serve": "serve",
     "demo": "demo",
+    "estimate-memory": "estimate_memory",
 }
+
+#: subcommands that take trailing `key=value` config overrides (also after their options)
+WITH_OVERRIDES = ("run", "estimate-memory")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,11 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    # `run RECIPE --config C k=v`: argparse binds the (empty) overrides at RECIPE, so the k=v after an
-    # option arrive as unknown arguments; collect them in order, and reject anything that is not k=v
+    # `run RECIPE --config C k=v`, `estimate-memory CONFIG --nproc 8 k=v`: argparse binds the (empty) overrides
+    # at the positional argument, so the k=v after an option arrive as unknown arguments; collect them in
+    # order, and reject anything that is not k=v
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        if getattr(args, "command", None) != "run" or any("=" not in a or a.startswith("-") for a in unknown):
+        if getattr(args, "command", None) not in WITH_OVERRIDES or any("=" not in a or a.startswith("-")
+                                                                         for a in unknown):
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.overrides = [*args.overrides, *unknown]
     return int(args.func(args) or 0)

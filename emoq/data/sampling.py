@@ -53,7 +53,9 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         _check_rank(num_replicas, rank)
         self.lengths = [float(x) for x in lengths]
-        self.batch_size = int(batch_size)
+        # not named `batch_size`: accelerate's sharding would take the batches for fixed-size ones and hold back a
+        # short last batch, yielding fewer batches per rank than its own length says (ranks then disagree on steps)
+        self.max_batch_size = int(batch_size)
         self.shuffle = shuffle
         self.seed = int(seed)
         self.drop_last = drop_last
@@ -71,13 +73,13 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             return []
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
-        mega = self.batch_size * self.mega_batch_mult
+        mega = self.max_batch_size * self.mega_batch_mult
         batches: list[list[int]] = []
         for start in range(0, n, mega):
             chunk = sorted(order[start : start + mega], key=lambda i: (-self.lengths[i], i))
-            batches.extend(chunk[j : j + self.batch_size] for j in range(0, len(chunk), self.batch_size))
+            batches.extend(chunk[j : j + self.max_batch_size] for j in range(0, len(chunk), self.max_batch_size))
         # Mega-batches are whole multiples of batch_size: only the very last batch can be short.
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+        if self.drop_last and batches and len(batches[-1]) < self.max_batch_size:
             batches.pop()
         if self.shuffle and len(batches) > 1:
             longest = max(range(len(batches)), key=lambda k: (max(self.lengths[i] for i in batches[k]), -k))
@@ -101,7 +103,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         yield from batches[self.rank :: self.num_replicas]
 
     def __len__(self) -> int:
-        n, b = len(self.lengths), self.batch_size
+        n, b = len(self.lengths), self.max_batch_size
         total = n // b if self.drop_last else math.ceil(n / b)
         return self._per_rank(total)
 

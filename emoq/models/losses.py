@@ -394,3 +394,14 @@ class MALoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"focal_weight={self.focal_weight}, supcon_weight={self.supcon_weight}, lm_weight={self.lm_weight}"
+
+
+def heads_outside_loss(loss, classifier: nn.Module, contrastive_head: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """The MAL heads that a loss configuration never trains: the classifier without focal loss, the contrastive
+    head without SupCon (by name, with their parameters)."""
+    parts = {}
+    if loss.focal_weight == 0:
+        parts["classifier"] = list(classifier.parameters())
+    if loss.supcon_weight == 0:
+        parts["contrastive_head"] = list(contrastive_head.parameters())
+    return parts

@@ -116,11 +116,13 @@ def build_tiny(
     seed: int = 0,
     text_config=None,
     qformer: dict | None = None,
+    **config_kwargs,
 ):
     """(EmoQForConditionalGeneration, EmoQProcessor) with random tiny weights, built offline in seconds.
 
     `text_config`: another tiny LLM config (vocabulary: the tiny tokenizer's) instead of the Llama one;
-    `qformer`: EmoQ-Former settings over the tiny ones (a run config's `model.qformer`)."""
+    `qformer`: EmoQ-Former settings over the tiny ones (a run config's `model.qformer`); other keyword
+    arguments are EmoQConfig fields (`contrastive_dim`, `projector_type`, ...)."""
     import torch
     from transformers import Wav2Vec2FeatureExtractor
 
@@ -148,6 +150,7 @@ def build_tiny(
         label2id={label: i for i, label in enumerate(labels)},
         lora=lora,
         encoder_layers=encoder_layers,
+        **config_kwargs,
     )
     torch.manual_seed(seed)
     model = EmoQForConditionalGeneration(config)

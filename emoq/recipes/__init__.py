@@ -63,8 +63,14 @@ def run_configs() -> dict[str, Path]:
             if p.suffix in (".yaml", ".yml") and name.split("/", 1)[0] not in ("accelerate", "deepspeed")}
 
 
+def shipped_scripts() -> dict[str, Path]:
+    """Every shipped cluster script by its path under configs/, e.g. 'slurm/stage2_multinode.sbatch'."""
+    return {str(p.relative_to(CONFIGS_DIR)): p for p in sorted(CONFIGS_DIR.rglob("*.sbatch"))}
+
+
 def find_shipped(name: str) -> Path:
-    """A recipe or config by name ('stage2_llm', 'emoq/demo_cpu'), or a path that exists."""
+    """A recipe, config or cluster script by name ('stage2_llm', 'emoq/demo_cpu',
+    'slurm/stage2_multinode.sbatch'), or a path that exists."""
     if name in RECIPES:
         return RECIPES[name].path
     configs = shipped_configs()
@@ -73,6 +79,9 @@ def find_shipped(name: str) -> Path:
     path = Path(name)
     if path.exists():
         return path
+    scripts = shipped_scripts()
+    if name in scripts:
+        return scripts[name]
     raise NotShippedError(f"no recipe or config named '{name}' (known: {', '.join([*RECIPES, *configs])})")
 
 

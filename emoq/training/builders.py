@@ -21,6 +21,13 @@ log = logging.getLogger("emoq.training")
 # ------------------------------------------------------------------ model
 
 
+def frozen_dtype(cfg: RunConfig) -> torch.dtype | None:
+    """The dtype of the frozen pretrained parts (speech encoder, LLM): bf16 under bf16 mixed precision, on
+    every device — so a CPU run in bf16 holds the same dtypes as the GPU run it stands in for — else as
+    saved. Whatever trains (EmoQ-Former, heads, projector, LoRA) stays fp32."""
+    return torch.bfloat16 if cfg.trainer.mixed_precision == "bf16" else None
+
+
 def build_model_and_processor(cfg: RunConfig, init_from: str | None = None):
     """Stage 1: a fresh model around pretrained (or tiny random) parts. Stage 2: the stage-1 folder."""
     from ..models import EmoQProcessor
@@ -44,16 +51,29 @@ def build_model_and_processor(cfg: RunConfig, init_from: str | None = None):
         model, processor = build_tiny(
             labels, num_query_tokens=m.num_query_tokens, window_seconds=m.window_seconds,
             lora=cfg.model.lora.peft_kwargs(), encoder_layers=m.encoder_layers, seed=cfg.seed,
-            qformer=dataclasses.asdict(m.qformer),
+            qformer=dataclasses.asdict(m.qformer), contrastive_dim=m.contrastive_dim, projector_type=m.projector,
         )
     else:
         model, processor = _from_pretrained_parts(cfg, labels)
+    cast_frozen_parts(model, frozen_dtype(cfg))
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_transcript = cfg.data.use_transcript and m.use_transcript
     processor.rationale_separator = "\n" if cfg.data.rationale else None  # saved with the processor
     model.loss_config = cfg.loss
     return model, processor
+
+
+def cast_frozen_parts(model, dtype: torch.dtype | None) -> None:
+    """The frozen speech encoder and base LLM in `dtype` (a quantized LLM keeps its own); LoRA weights stay
+    fp32, as peft adds them to a bf16 LLM, so optimiser updates are never rounded to bf16."""
+    if dtype is None:
+        return
+    model.speech_encoder.encoder.to(dtype)
+    if not getattr(model.language_model.config, "quantization_config", None):
+        model.language_model.to(dtype)
+        for p in model.adapter_parameters():
+            p.data = p.data.float()
 
 
 def build_baseline(cfg: RunConfig):
@@ -84,7 +104,7 @@ def _baseline_from_pretrained_parts(cfg: RunConfig, labels: list[str], with_text
     encoder = resolve_model(m.encoder)
     audio_config, fe = AutoConfig.from_pretrained(encoder), AutoFeatureExtractor.from_pretrained(encoder)
     common = {"id2label": dict(enumerate(labels)), "contrastive_dim": m.contrastive_dim,
-              "freeze_encoder": m.freeze_encoder}
+              "freeze_encoder": m.freeze_encoder, "dtype": frozen_dtype(cfg) if m.freeze_encoder else None}
     if m.system == "qieemo":
         model = QieemoForEmotionClassification.from_components(
             encoder, feature_layer=m.encoder_layers[0] if m.encoder_layers else None, ppg_dim=m.ppg_dim,
@@ -107,17 +127,45 @@ def _stage1_model(cfg: RunConfig, init_from: str):
 
     m, lora = cfg.model, cfg.model.lora.peft_kwargs()
     saved = EmoQConfig.from_pretrained(init_from)
+    refuse_changed_architecture(cfg, saved, init_from)
     saved_quantized = bool(getattr(saved.text_config, "quantization_config", None))
     if m.quantization == "none" and not saved_quantized and saved.lora == lora:
-        return EmoQForConditionalGeneration.from_pretrained(init_from)
+        return EmoQForConditionalGeneration.from_pretrained(init_from, dtype=frozen_dtype(cfg))
     if m.tiny_random:
         raise ValueError("model.tiny_random: stage 2 cannot change model.quantization or model.lora from what "
                          "stage 1 saved (there is no model.llm to reload the LLM from)")
     from ..hub import resolve_model
 
-    dtype = torch.bfloat16 if cfg.trainer.mixed_precision == "bf16" and torch.cuda.is_available() else None
     return EmoQForConditionalGeneration.from_stage1(init_from, resolve_model(m.llm), lora=lora,
-                                                    quantization=m.quantization, dtype=dtype)
+                                                    quantization=m.quantization, dtype=frozen_dtype(cfg))
+
+
+#: run-config keys that shape the stage-1 model, and how to read each from a saved EmoQConfig
+_STAGE1_ARCHITECTURE = {
+    **{f"model.qformer.{name}": (lambda c, name=name: getattr(c.qformer_config, name))
+       for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                    "cross_attention_frequency", "hidden_dropout_prob")},
+    "model.num_query_tokens": lambda c: c.num_query_tokens,
+    "model.window_seconds": lambda c: c.qformer_config.window_seconds,
+    "model.encoder_layers": lambda c: list(c.encoder_layers),
+    "model.projector": lambda c: c.projector_type,
+    "model.contrastive_dim": lambda c: c.contrastive_dim,
+}
+
+
+def refuse_changed_architecture(cfg: RunConfig, saved, init_from: str) -> None:
+    """Stage 2 continues the stage-1 model, so a config that asks for another EmoQ-Former shape than stage 1
+    trained is an error, not a silent reload of the saved shape (nor a fresh, untrained one)."""
+    m = cfg.model
+    wanted = {**{f"model.qformer.{k}": v for k, v in dataclasses.asdict(m.qformer).items()},
+              "model.num_query_tokens": m.num_query_tokens, "model.window_seconds": m.window_seconds,
+              "model.encoder_layers": list(m.encoder_layers), "model.projector": m.projector,
+              "model.contrastive_dim": m.contrastive_dim}
+    changed = [f"{key} is {wanted[key]!r} here but stage 1 trained {read(saved)!r}"
+               for key, read in _STAGE1_ARCHITECTURE.items() if wanted[key] != read(saved)]
+    if changed:
+        raise ValueError(f"{init_from}: the config changes the stage-1 model: {'; '.join(changed)}. Stage 2 "
+                         "continues stage 1: set these back, or rerun stage 1 with them")
 
 
 def _from_pretrained_parts(cfg: RunConfig, labels: list[str]):
@@ -133,7 +181,6 @@ def _from_pretrained_parts(cfg: RunConfig, labels: list[str]):
         AutoFeatureExtractor.from_pretrained(encoder), AutoTokenizer.from_pretrained(llm), labels, audio_config,
         num_query_tokens=m.num_query_tokens, window_seconds=m.window_seconds,
     )
-    dtype = torch.bfloat16 if cfg.trainer.mixed_precision == "bf16" and torch.cuda.is_available() else None
     model = EmoQForConditionalGeneration.from_components(
         encoder, llm,
         id2label=dict(enumerate(labels)),
@@ -142,13 +189,16 @@ def _from_pretrained_parts(cfg: RunConfig, labels: list[str]):
                  "frames_per_second": processor.frames_per_second},
         lora=cfg.model.lora.peft_kwargs(),
         quantization=m.quantization,
-        dtype=dtype,
+        dtype=frozen_dtype(cfg),
         num_query_tokens=m.num_query_tokens,
         encoder_layers=m.encoder_layers,
         freeze_encoder=m.freeze_encoder,
         projector_type=m.projector,
         contrastive_dim=m.contrastive_dim,
     )
+    # checkpoints then hold what trains and name the frozen LLM, instead of a copy of its weights
+    model.config.base_llm = m.llm
+    model.config.base_llm_revision = getattr(model.language_model.config, "_commit_hash", None)
     return model, processor
 
 
@@ -232,16 +282,32 @@ def eval_loader(cfg: RunConfig, scan: ScanResult, processor, label2id, prompt: b
 
 
 def build_optimizer(model, stage: StageConfig, weight_decay: float, total_steps: int, warmup_ratio: float):
-    """AdamW with one learning rate per module group (Q-Former side vs LoRA), warmup + cosine."""
+    """AdamW with one learning rate per module group (EmoQ-Former side vs LoRA), warmup + cosine.
+
+    Weight decay applies to weight matrices only: biases, norm weights, embedding tables, the learned query
+    tokens and the layer-mix logits are left undecayed (decaying them pulls LayerNorm gains and the queries
+    towards zero, which is not regularisation but damage)."""
     from transformers import get_cosine_schedule_with_warmup
 
     adapters = {id(p) for p in getattr(model, "adapter_parameters", list)()}
-    groups: dict[str, list] = {"lora": [], "qformer": []}
-    for p in model.parameters():
-        if p.requires_grad:
-            groups["lora" if id(p) in adapters else "qformer"].append(p)
     lrs = {"lora": stage.lr_lora or stage.learning_rate, "qformer": stage.lr_qformer or stage.learning_rate}
-    params = [{"params": ps, "lr": lrs[g], "name": g} for g, ps in groups.items() if ps]
+    groups: dict[tuple[str, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            part = "lora" if id(p) in adapters else "qformer"
+            groups.setdefault((part, decays(model, name, p)), []).append(p)
+    params = [{"params": ps, "lr": lrs[part], "weight_decay": weight_decay if decay else 0.0,
+               "name": part if decay else f"{part}_no_decay"}
+              for (part, decay), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
     optimizer = torch.optim.AdamW(params, weight_decay=weight_decay)
     warmup = int(math.ceil(total_steps * warmup_ratio))
     return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, max(total_steps, 1))
+
+
+_UNDECAYED_MODULES = (torch.nn.LayerNorm, torch.nn.Embedding, torch.nn.GroupNorm)
+
+
+def decays(model, name: str, param) -> bool:
+    """Whether weight decay applies to parameter `name`: matrices of Linear / Conv layers (LoRA's included)."""
+    owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    return param.ndim >= 2 and not isinstance(owner, _UNDECAYED_MODULES) and not name.endswith("query_tokens")

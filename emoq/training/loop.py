@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 
 from .checkpoint import latest_checkpoint, prune_checkpoints, read_trainer_state, save_checkpoint
 
@@ -90,7 +91,9 @@ def fit(
     eval_every = eval_every or steps_per_epoch
 
     def checkpoint(name: str, with_state: bool = True):
-        state = {**result.__dict__, "total_steps": total, "steps_per_epoch": steps_per_epoch}
+        state = {**result.__dict__, "total_steps": total, "steps_per_epoch": steps_per_epoch,
+                 "num_processes": accelerator.num_processes,
+                 "parameter_dtypes": parameter_dtypes(accelerator.unwrap_model(model))}
         save_checkpoint(accelerator, model, processor, output_dir / name, state, run_config, with_state=with_state)
 
     def maybe_eval():
@@ -108,33 +111,42 @@ def fit(
 
     model.train()
     progress = _progress(accelerator, total, result.step)
+    checked_gradients = False
     while result.step < total:
         epoch, done_in_epoch = divmod(result.step, steps_per_epoch)
         sampler.set_epoch(epoch) if hasattr(sampler, "set_epoch") else None
         loader = accelerator.skip_first_batches(train_loader, done_in_epoch * accum) if done_in_epoch else train_loader
         window: list[float] = []
+        window_finite = True
+        step_at_epoch_start = result.step
         for batch in loader:
             with accelerator.accumulate(model):
                 out = model(**model_inputs(batch))
-                loss = out.loss
-                finite = accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min() > 0
-                if not finite:  # every rank skips together, so no rank waits in a collective alone
-                    result.skipped_steps += 1
-                    log.warning("step %d: non-finite loss, batch %s skipped", result.step, batch.get("keys"))
+                # every rank runs backward, whatever its loss: a rank that skipped it would leave DDP's reducer
+                # and DeepSpeed's micro-step count behind the others; a non-finite window is dropped below
+                accelerator.backward(out.loss)
+                losses = accelerator.gather(out.loss.detach().float().reshape(1))
+                if not torch.isfinite(losses).all():
+                    window_finite = False
+                    log.warning("step %d: non-finite loss on some rank (batch %s on this one)", result.step + 1,
+                                batch.get("keys"))
+                window += [v for v in losses.tolist() if math.isfinite(v)]
+                if accelerator.sync_gradients:
+                    if not checked_gradients:
+                        _check_every_trainable_parameter_has_a_gradient(accelerator, model)
+                        checked_gradients = True
+                    if _apply_or_skip(accelerator, model, optimizer, max_grad_norm, window_finite):
+                        scheduler.step()
+                    else:
+                        result.skipped_steps += 1
+                        log.warning("step %d: non-finite loss or gradient; the optimiser step is skipped on every "
+                                    "rank", result.step + 1)
                     optimizer.zero_grad()
-                    continue
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            window.append(float(accelerator.gather(loss.detach().reshape(1)).mean()))
             if not accelerator.sync_gradients:
                 continue
             result.step += 1
-            result.losses.append(sum(window) / len(window))
-            window = []
+            result.losses.append(sum(window) / len(window) if window else float("nan"))
+            window, window_finite = [], True
             progress.update(1)
             if result.step % log_every == 0 or result.step == total:
                 logs = {"train/loss": result.losses[-1], "train/lr": scheduler.get_last_lr()[0]}
@@ -154,9 +166,58 @@ def fit(
         if stop_after is not None and result.step >= stop_after:
             progress.close()
             return result
+        if result.step == step_at_epoch_start:  # never spin: a pass over the data must make progress
+            raise RuntimeError(f"a pass over the training data made no optimiser step at step {result.step} (the "
+                               f"loader yields fewer batches than its length, {len(train_loader)}, says)")
     progress.close()
     checkpoint("final", with_state=False)
     return result
+
+
+def parameter_dtypes(model) -> dict[str, dict[str, list[str]]]:
+    """{top-level module: {"trainable" | "frozen": [dtypes]}}, as training holds them (after DeepSpeed or DDP
+    took the model): the record that shows which precision each part really trained in."""
+    found: dict[str, dict[str, set]] = {}
+    for name, p in model.named_parameters():
+        kind = "trainable" if p.requires_grad else "frozen"
+        found.setdefault(name.split(".", 1)[0], {}).setdefault(kind, set()).add(str(p.dtype).removeprefix("torch."))
+    return {part: {kind: sorted(dtypes) for kind, dtypes in kinds.items()} for part, kinds in found.items()}
+
+
+def _apply_or_skip(accelerator, model, optimizer, max_grad_norm: float, window_finite: bool) -> bool:
+    """At an accumulation boundary: clip and step, or skip the step when the window's loss (on any rank) or the
+    gradient norm is not finite. Returns whether the step was applied.
+
+    Every rank reaches the same decision without a further collective: `window_finite` comes from gathered
+    losses, and the gradient norm is computed from gradients already reduced over the ranks. Under DeepSpeed
+    the engine has already stepped inside `backward`; it skips a step whose gradient norm is not finite
+    itself, and accelerate reports that as `step_was_skipped`.
+    """
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return not optimizer.step_was_skipped
+    # max_norm=inf measures without clipping
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
+    if not window_finite or (norm is not None and not torch.isfinite(torch.as_tensor(norm)).all()):
+        return False
+    optimizer.step()
+    return True
+
+
+def _check_every_trainable_parameter_has_a_gradient(accelerator, model) -> None:
+    """After the first backward: a trainable parameter the loss never reached is a configuration mistake, and
+    under DDP a fatal one (the gradient reduction waits for it and fails at the next step with an error that
+    names no parameter). Names them instead. DeepSpeed keeps gradients in its own buffers: not checked there."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return
+    missing = [name for name, p in accelerator.unwrap_model(model).named_parameters()
+               if p.requires_grad and p.grad is None]
+    if not missing:
+        return
+    message = (f"{len(missing)} trainable parameters received no gradient from the loss: {missing[:8]}; freeze "
+               "them (requires_grad_(False)) or give the loss a term that uses them")
+    if accelerator.num_processes > 1:
+        raise RuntimeError(message)
+    log.warning(message)
 
 
 def _progress(accelerator, total: int, initial: int):

@@ -10,7 +10,9 @@ the LLM chat prompt (`prompt`), and how it predicts a dev batch's classes (`pred
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +23,9 @@ from ..data.collate import ScanResult
 from ..evaluation.metrics import compute_metrics
 from .builders import build_optimizer, eval_loader, print_parameter_table, scanned_split, train_loader
 from .loop import FitResult, fit, model_inputs, total_training_steps
-from .runtime import build_accelerator, seed_everything
+from .runtime import build_accelerator, loading_pretrained_weights, seed_everything
+
+log = logging.getLogger("emoq.training")
 
 
 @dataclass
@@ -32,7 +36,7 @@ class Built:
     model: torch.nn.Module
     processor: object
     train_scan: ScanResult | None = None
-    frame_cache: dict | None = None
+    frame_cache: Mapping | None = None
 
 
 @dataclass
@@ -50,6 +54,23 @@ class RecipeState:
     sampler: object
     dev: torch.utils.data.DataLoader
     labels: list[str]
+
+
+def freeze_outside_loss(model, loss, with_llm: bool) -> None:
+    """Freeze the parts the configured loss never reaches (`model.modules_outside_loss`): a trainable parameter
+    without a gradient would stop a DDP run at its second step and only waste optimiser state elsewhere.
+    `with_llm`: the LLM runs (stage 2), so its token loss is part of the loss."""
+    if not with_llm:
+        loss = dataclasses.replace(loss, lm_weight=0.0)
+    for part, params in model.modules_outside_loss(loss).items():
+        if any(p.requires_grad for p in params):
+            log.info("%s: frozen, the loss never reaches it (%s)", part, _loss_summary(loss))
+            for p in params:
+                p.requires_grad_(False)
+
+
+def _loss_summary(loss) -> str:
+    return f"focal_weight={loss.focal_weight}, supcon_weight={loss.supcon_weight}, lm_weight={loss.lm_weight}"
 
 
 class Recipe:
@@ -83,8 +104,10 @@ class Recipe:
         seed_everything(cfg.seed)
         stage = self.stage_config(cfg)
         accelerator = build_accelerator(cfg, stage.output_dir)
-        built = self.build(cfg, accelerator)
+        with loading_pretrained_weights(accelerator):
+            built = self.build(cfg, accelerator)
         model, processor = built.model, built.processor
+        freeze_outside_loss(model, cfg.loss, with_llm=self.prompt)
         if accelerator.is_main_process:
             print_parameter_table(model)
         labels = list(model.config.id2label.values())
@@ -136,7 +159,7 @@ class Recipe:
         if state.accelerator.is_main_process:
             print(f"{self.name} done: {result.step} steps, {result.skipped_steps} skipped; best dev weighted F1 "
                   f"{result.best_metric} at step {result.best_step}; model (from_pretrained): "
-                  f"{state.stage.output_dir}/final/weights")
+                  f"{state.stage.output_dir}/best/weights (dev-selected; the last step: final/weights)")
 
     def main(self, argv=None, description: str | None = None) -> FitResult:
         """`python recipes/X.py --config CFG [key=value ...]` (also what `accelerate launch` runs)."""

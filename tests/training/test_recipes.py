@@ -32,7 +32,7 @@ def test_stage1_learns_and_stage2_starts_from_it(corpus, tmp_path):
     # stage 2 starts from the stage-1 EmoQ-Former, not a fresh one
     from safetensors.torch import load_file
 
-    saved = load_file(tmp_path / "stage1/final/weights/model.safetensors")
+    saved = load_file(tmp_path / "stage1/best/weights/model.safetensors")  # the dev-selected checkpoint
     torch.testing.assert_close(ctx2.accelerator.unwrap_model(ctx2.model).qformer.query_tokens.detach(),
                                saved["qformer.query_tokens"])
     result2 = stage2.train(ctx2)
@@ -68,23 +68,23 @@ def test_stage1_feature_cache_matches_live_encoder_and_layer_mix(corpus, tmp_pat
 
 
 def test_encoder_frame_cache_is_kept_on_disk_and_reused_until_its_inputs_change(corpus, tmp_path, monkeypatch):
-    from safetensors.torch import load_file
-
     from emoq.models.speech_encoder import SpeechEncoder
+    from emoq.training.frame_cache import EncoderFrameCache
 
     stage1 = load_recipe("stage1_qformer")
     options = ("stage1.cache_encoder_features=true", "trainer.eval_every=100")
     stage1.setup(tiny_test_config(corpus, tmp_path, *options))
-    path = tmp_path / "stage1" / "encoder_frames.safetensors"
-    frames = load_file(path)
-    assert len(frames) == 24 and all(45 <= f.shape[0] <= 50 for f in frames.values())  # 0.9-1 s: 50 frames/s
+    shard = tmp_path / "stage1" / "encoder_frames" / "shard-00000-of-00001.safetensors"
+    frames = EncoderFrameCache([shard])
+    assert len(frames) == 24 and all(45 <= frames[k].shape[0] <= 50 for k in frames)  # 0.9-1 s: 50 frames/s
     calls = []
     forward = SpeechEncoder.forward
     monkeypatch.setattr(SpeechEncoder, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
     stage1.setup(tiny_test_config(corpus, tmp_path, *options))
     assert calls == []  # same encoder, layers and clips: read back, the encoder never runs
     stage1.setup(tiny_test_config(corpus, tmp_path, *options, "data.max_seconds=0.5"))
-    assert calls and all(f.shape[0] == 25 for f in load_file(path).values())  # other inputs: rebuilt
+    frames = EncoderFrameCache([shard])
+    assert calls and all(frames[k].shape[0] == 25 for k in frames)  # other inputs: rebuilt
 
 
 @pytest.mark.parametrize("recipe,stage", [("stage1_qformer", "stage1"), ("stage2_llm", "stage2")])

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from ...config import LossConfig
-from ..losses import MALoss
+from ..losses import MALoss, heads_outside_loss
 
 
 @dataclass
@@ -88,6 +88,11 @@ class BaselinePreTrainedModel(PreTrainedModel):
             if child is not None and not any(p.requires_grad for p in child.parameters()):
                 child.eval()  # a frozen encoder never runs dropout / layer-drop
         return self
+
+    def modules_outside_loss(self, loss: LossConfig) -> dict[str, list[nn.Parameter]]:
+        """Parameters no term of the loss reaches under these settings (the contrastive head without SupCon,
+        the classifier without focal loss); they must not be trainable (DDP stops on them)."""
+        return heads_outside_loss(loss, self.classifier, self.contrastive_head)
 
     @property
     def head_dtype(self) -> torch.dtype:

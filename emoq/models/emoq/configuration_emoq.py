@@ -55,6 +55,11 @@ class EmoQConfig(PreTrainedConfig):
     lora: `peft.LoraConfig` arguments, same names (None = no LoRA); added at construction so a saved model
         reloads with `from_pretrained` alone.
     use_transcript: feed transcript tokens into the EmoQ-Former's self-attention when given.
+    base_llm: where the frozen base LLM's weights come from (hub id, folder or builtin name). When set, a
+        saved folder holds everything but those weights — the EmoQ-Former side, the heads, the projector
+        and the LoRA weights — and loading rebuilds the LLM from this reference (as a peft adapter folder
+        names its base model); None: the folder holds the whole LLM (a tiny in-code LLM, a merged export).
+    base_llm_revision: the reference's hub commit when it was loaded from the hub, checked on reload.
     """
 
     model_type = "emoq"
@@ -76,6 +81,8 @@ class EmoQConfig(PreTrainedConfig):
     classifier_dropout: float = 0.1
     use_transcript: bool = True
     lora: dict | None = None
+    base_llm: str | None = None
+    base_llm_revision: str | None = None
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
 

@@ -30,7 +30,7 @@ from transformers.utils import ModelOutput
 
 from ...config import LoraConfig as LoraSettings
 from ...config import LossConfig
-from ..losses import MALoss
+from ..losses import MALoss, heads_outside_loss
 from ..speech_encoder import SpeechEncoder, load_audio_encoder
 from .configuration_emoq import EmoQConfig
 from .qformer import EmoQFormer
@@ -104,6 +104,12 @@ def is_quantized_folder(path) -> bool:
         return False
     text_config = json.loads(config.read_text(encoding="utf-8")).get("text_config") or {}
     return bool(text_config.get("quantization_config"))
+
+
+def references_base_llm(path) -> bool:
+    """Whether a saved EmoQ folder leaves its base LLM's weights out and names them (`config.base_llm`)."""
+    config = Path(path) / "config.json"
+    return config.is_file() and bool(json.loads(config.read_text(encoding="utf-8")).get("base_llm"))
 
 
 def _read_weights(folder: Path, wanted) -> dict[str, torch.Tensor]:
@@ -236,6 +242,7 @@ class EmoQForConditionalGeneration(EmoQPreTrainedModel, GenerationMixin):
         self.language_model = self.peft_model.merge_and_unload(safe_merge=True)
         object.__setattr__(self, "peft_model", None)
         self.config.lora = None
+        self.config.base_llm = self.config.base_llm_revision = None  # the merged weights are no longer the base's
 
     @classmethod
     def from_components(
@@ -293,12 +300,29 @@ class EmoQForConditionalGeneration(EmoQPreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, except for a folder trained with a 4-bit/8-bit LLM (QLoRA),
-        which goes through `from_quantized`: a plain load would quantize the speech side too."""
-        if is_quantized_folder(pretrained_model_name_or_path):
-            device = kwargs.get("device_map")
-            return cls.from_quantized(pretrained_model_name_or_path, dtype=kwargs.get("dtype"),
-                                      device=device if isinstance(device, str | torch.device | int) else None)
+        which goes through `from_quantized` (a plain load would quantize the speech side too), and a folder
+        that references its base LLM instead of holding it (`config.base_llm`), rebuilt around it."""
+        folder = pretrained_model_name_or_path
+        device = kwargs.get("device_map")
+        device = device if isinstance(device, str | torch.device | int) else None
+        if is_quantized_folder(folder):
+            return cls.from_quantized(folder, dtype=kwargs.get("dtype"), device=device)
+        if references_base_llm(folder):
+            config = EmoQConfig.from_pretrained(folder)
+            return cls._around_llm(folder, config, config.base_llm, "none", kwargs.get("dtype"),
+                                   with_lora_weights=True, device=device)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, state_dict: dict | None = None, **kwargs):
+        """`PreTrainedModel.save_pretrained`; with `config.base_llm` set, the base LLM's weights are left out
+        (they are the reference's, unchanged by training) and only the LoRA weights of the LLM are kept —
+        a checkpoint of a 7B run is then megabytes, not 15 GB."""
+        if self.config.base_llm:
+            state_dict = self.state_dict() if state_dict is None else state_dict
+            adapters = {name for name, p in self.named_parameters()
+                        if id(p) in {id(q) for q in self.adapter_parameters()}}
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("language_model.") or k in adapters}
+        return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
 
     @classmethod
     def from_quantized(cls, folder: str | Path, dtype: torch.dtype | None = None,
@@ -313,7 +337,7 @@ class EmoQForConditionalGeneration(EmoQPreTrainedModel, GenerationMixin):
             raise ValueError(f"{folder}: the LLM was quantized with {q['quant_method']}; emoq reloads "
                              "bitsandbytes (QLoRA) models only")
         quantization = "4bit" if q.get("load_in_4bit") or q.get("_load_in_4bit") else "8bit"
-        llm = getattr(config.text_config, "_name_or_path", None)
+        llm = config.base_llm or getattr(config.text_config, "_name_or_path", None)
         if not llm:
             raise ValueError(f"{folder}: a quantized LLM was trained but its base model is not recorded "
                              "(text_config._name_or_path)")
@@ -340,6 +364,10 @@ class EmoQForConditionalGeneration(EmoQPreTrainedModel, GenerationMixin):
             if getattr(saved, key, None) != getattr(loaded, key, None):
                 raise ValueError(f"{folder} was trained with an LLM whose {key} is {getattr(saved, key, None)}, "
                                  f"but '{llm}' has {getattr(loaded, key, None)}: model.llm must name the same LLM")
+        revision = getattr(loaded, "_commit_hash", None)
+        if config.base_llm_revision and revision and revision != config.base_llm_revision:
+            raise ValueError(f"{folder} was trained on '{llm}' at revision {config.base_llm_revision}, but the copy "
+                             f"found is revision {revision}: the base weights changed")
         model = cls(config, language_model=language_model)
         model.config.text_config = language_model.config
 
@@ -368,7 +396,8 @@ class EmoQForConditionalGeneration(EmoQPreTrainedModel, GenerationMixin):
         return self.language_model.get_output_embeddings()
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None):
-        # only the LLM checkpoints its layers; the EmoQ-Former is small and the encoder is frozen
+        # the LLM and the EmoQ-Former recompute their blocks in backward; the frozen encoder keeps no activations
+        self.qformer.gradient_checkpointing = enable
         if enable:
             self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
@@ -379,6 +408,19 @@ class EmoQForConditionalGeneration(EmoQPreTrainedModel, GenerationMixin):
 
     def gradient_checkpointing_disable(self):
         self._set_gradient_checkpointing(False)
+
+    def modules_outside_loss(self, loss: LossConfig) -> dict[str, list[nn.Parameter]]:
+        """Parameters no term of the loss reaches under these settings, by part: the EmoQ-Former's transcript
+        side without transcripts, the contrastive head without SupCon, the classifier without focal loss, the
+        projector and LoRA without the LLM's token loss. They must not be trainable: under DDP a trainable
+        parameter without a gradient stops the run."""
+        parts = heads_outside_loss(loss, self.classifier, self.contrastive_head)
+        if not self.config.use_transcript:
+            parts["qformer (transcript side)"] = [p for m in self.qformer.text_modules() for p in m.parameters()]
+        if loss.lm_weight == 0:
+            parts["projector"] = list(self.projector.parameters())
+            parts["LoRA"] = self.adapter_parameters()
+        return parts
 
     def save_adapter(self, path: str | Path, state_dict: dict | None = None) -> None:
         """Write the LLM's LoRA weights in PEFT format (adapter_config.json + adapter_model.safetensors).

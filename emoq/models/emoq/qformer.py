@@ -19,6 +19,7 @@ import math
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 
 from .configuration_emoq import EmoQFormerConfig
@@ -111,6 +112,11 @@ class EmoQFormer(nn.Module):
             EmoQFormerLayer(config, has_cross_attention=i % config.cross_attention_frequency == 0)
             for i in range(config.num_hidden_layers)
         )
+        self.gradient_checkpointing = False
+
+    def text_modules(self) -> list[nn.Module]:
+        """The transcript side: unused (and so never trained) when the model runs without transcripts."""
+        return [self.text_proj, self.text_positions, self.text_norm, *(layer.text_ffn for layer in self.layers)]
 
     def frames_per_window(self) -> int | None:
         if self.config.window_seconds is None:
@@ -147,7 +153,12 @@ class EmoQFormer(nn.Module):
                 hidden = queries
             self_mask, cross_mask = _additive_mask(keep), _additive_mask(frame_mask.bool())
             for layer in self.layers:
-                hidden = layer(hidden, self_mask, nq, frames, cross_mask)
+                if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                    # keep each block's input only; its activations are recomputed in backward (same dropout
+                    # masks: the RNG state is replayed)
+                    hidden = checkpoint(layer, hidden, self_mask, nq, frames, cross_mask, use_reentrant=False)
+                else:
+                    hidden = layer(hidden, self_mask, nq, frames, cross_mask)
             out = hidden[:, :nq]
             if per_window is None:
                 return out, torch.ones(out.shape[:2], dtype=torch.bool, device=out.device)
