@@ -1,55 +1,109 @@
-"""EmoQ vs the two baselines on the demo corpus, trained and scored the same way (after `make demo`).
+"""EmoQ, its ablations and the two baselines on the demo corpus, trained and scored the same way, over seeds.
 
-    python bench/compare_systems.py [--out demo_out]
+    python bench/compare_systems.py [--out demo_out] [--seeds 0 1 2] [--systems NAME ...] [--json FILE]
 
-Trains Qieemo and Patamia et al. 2023 with `emoq run train_baseline` (configs qieemo/demo_cpu,
-patamia/demo_cpu: same corpus, MAL loss, loop and dev selection as EmoQ), scores each with
-`emoq eval` on the demo test split — every system's dev-selected checkpoint (`best/`), as EmoQ's — and
-prints one markdown table next to EmoQ's own `demo_out/eval/metrics.json`. Training time is wall-clock on this machine.
+Needs the demo corpus (`make demo`, or `emoq demo --only-data`). For every seed, each system is trained
+with `emoq run` on the same corpus and split and scored with `emoq eval` on the demo test split — every
+system's dev-selected checkpoint (`best/`):
+
+- `emoq`: stage 1 + stage 2 of `emoq/demo_cpu` (speech + gold transcripts), label scoring under the LLM;
+- `emoq_audio_only`, `emoq_no_supcon`, `emoq_cross_entropy` (focal_gamma 0: focal loss is cross-entropy):
+  the same with one setting changed;
+- `emoq_stage1_head`: the `emoq` run's stage-1 model, scored by its classification head (no LLM);
+- `qieemo`, `patamia`: `emoq run train_baseline` with their `demo_cpu` configs;
+- `references`: logistic regressions on prosody statistics, on bag-of-words, and on both (no seed: fitted
+  once), which bound what each modality alone carries in the corpus.
+
+Writes one JSON (default `OUT/compare_systems.json`) with every run's metrics and wall-clock training time,
+and the mean and standard deviation over seeds; `bench/compare_table.py` turns it into the README table.
+Training times are this machine's; weighted F1 can move a little between machines (float summation order
+differs between CPU kernels), and more between seeds, which is why seeds are reported.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+METRICS = ("weighted_f1", "unweighted_accuracy", "macro_f1", "accuracy")
+
+#: system -> (recipes, config, overrides, eval mode, stage folder evaluated)
+EMOQ_RECIPES = ("stage1_qformer", "stage2_llm")
+SYSTEMS = {
+    "emoq": (EMOQ_RECIPES, "emoq/demo_cpu", (), "score", "stage2"),
+    "emoq_audio_only": (EMOQ_RECIPES, "emoq/demo_cpu", ("model.use_transcript=false", "data.use_transcript=false"),
+                        "score", "stage2"),
+    "emoq_no_supcon": (EMOQ_RECIPES, "emoq/demo_cpu", ("loss.supcon_weight=0",), "score", "stage2"),
+    "emoq_cross_entropy": (EMOQ_RECIPES, "emoq/demo_cpu", ("loss.focal_gamma=0",), "score", "stage2"),
+    "emoq_stage1_head": ((), "emoq/demo_cpu", (), "head", "stage1"),  # the `emoq` run's stage 1
+    "qieemo": (("train_baseline",), "qieemo/demo_cpu", (), "score", "baseline"),
+    "patamia": (("train_baseline",), "patamia/demo_cpu", (), "score", "baseline"),
+}
 
 
 def emoq(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "emoq.cli", *args], check=True)
 
 
+def run_system(name: str, seed: int, corpus: Path, runs: Path, evals: Path) -> dict:
+    recipes, config, overrides, mode, stage = SYSTEMS[name]
+    run_dir = runs / (name if recipes else "emoq") / f"seed{seed}"
+    start = time.time()
+    for recipe in recipes:
+        emoq("run", recipe, "--config", config, f"data.root={corpus}", f"trainer.output_dir={run_dir}",
+             f"seed={seed}", *overrides)
+    seconds = time.time() - start if recipes else None
+    out = evals / name / f"seed{seed}"
+    emoq("eval", "--model", str(run_dir / stage / "best"), "--dataset", "meld", "--root", str(corpus),
+         "--split", "test", "--mode", mode, "--out", str(out))
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    return {"seed": seed, "train_seconds": seconds, **{m: metrics[m] for m in METRICS},
+            "rows": f"{metrics['rows_ok']}/{metrics['rows_total']}"}
+
+
+def summary(runs: list[dict]) -> dict:
+    out = {}
+    for key in (*METRICS, "train_seconds"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        if values:
+            out[key] = {"mean": statistics.fmean(values),
+                        "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="demo_out", help="the folder `make demo` wrote (corpus, eval)")
+    parser.add_argument("--out", default="demo_out", help="the folder holding the demo corpus (OUT/corpus)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--systems", nargs="+", default=[*SYSTEMS, "references"],
+                        choices=[*SYSTEMS, "references"])
+    parser.add_argument("--json", default=None, help="output JSON (default OUT/compare_systems.json)")
     args = parser.parse_args()
     out = Path(args.out)
     corpus = out / "corpus"
     if not (corpus / "test_sent_emo.csv").is_file():
         raise SystemExit(f"{corpus}: no demo corpus; run `make demo` (or `emoq demo --only-data`) first")
-    rows = []
-    emoq_metrics = out / "eval" / "metrics.json"
-    if emoq_metrics.is_file():
-        rows.append(("EmoQ (stage 2, label scoring)", json.loads(emoq_metrics.read_text()), None))
-    for system in ("qieemo", "patamia"):
-        run_dir = out / "runs" / f"{system}_cpu"
-        start = time.time()
-        emoq("run", "train_baseline", "--config", f"{system}/demo_cpu", f"data.root={corpus}",
-             f"trainer.output_dir={run_dir}")
-        seconds = time.time() - start
-        eval_dir = out / f"eval_{system}"
-        emoq("eval", "--model", str(run_dir / "baseline" / "best"), "--dataset", "meld", "--root", str(corpus),
-             "--split", "test", "--out", str(eval_dir))
-        rows.append((system, json.loads((eval_dir / "metrics.json").read_text()), seconds))
-    print("\n| system | test weighted F1 | accuracy (WA) | UA | macro F1 | rows scored | training time |")
-    print("|---|---|---|---|---|---|---|")
-    for name, m, seconds in rows:
-        took = f"{seconds / 60:.1f} min" if seconds is not None else "(see make demo)"
-        print(f"| {name} | {m['weighted_f1']:.3f} | {m['accuracy']:.3f} | {m['unweighted_accuracy']:.3f} | "
-              f"{m['macro_f1']:.3f} | {m['rows_ok']}/{m['rows_total']} | {took} |")
+    if "emoq_stage1_head" in args.systems and "emoq" not in args.systems:
+        raise SystemExit("emoq_stage1_head scores the `emoq` run's stage 1: include the emoq system")
+    path = Path(args.json) if args.json else out / "compare_systems.json"
+    result = {"corpus": str(corpus), "seeds": args.seeds, "systems": {}}
+    for name in args.systems:
+        if name == "references":
+            from emoq.evaluation.references import score_references
+
+            result["systems"]["references"] = score_references(corpus)
+            continue
+        runs = [run_system(name, seed, corpus, out / "compare" / "runs", out / "compare" / "eval")
+                for seed in args.seeds]
+        result["systems"][name] = {"runs": runs, "summary": summary(runs)}
+        path.write_text(json.dumps(result, indent=2), encoding="utf-8")  # partial results survive a stop
+    path.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    print(f"wrote {path}; table: python bench/compare_table.py {path}")
 
 
 if __name__ == "__main__":

@@ -74,6 +74,9 @@ class ModelConfig:
     # Window-level queries (SALMONN habit): None = one set of queries per clip, else queries per window.
     window_seconds: float | None = None
     use_transcript: bool = True
+    # Whisper ASR model that transcribes clips arriving without a transcript at inference (emoq chat/predict/
+    # serve, emoq eval --transcripts asr) when the model reads transcripts; null = never transcribe.
+    asr: str | None = "builtin:whisper-tiny.en"
     projector: str = "linear"  # linear | mlp
     contrastive_dim: int = 128
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -109,6 +112,9 @@ class DataConfig:
     rationale: bool = False
     num_workers: int = 0
     class_balanced: bool = False
+    # batches of clips of similar length (less padding); false: plain shuffled batches, for corpora whose clip
+    # length follows the class (length groups would then be class groups)
+    group_by_length: bool = True
 
 
 @dataclass

@@ -7,9 +7,16 @@ Endpoints:
                              {"type": "input_audio", "input_audio": {"data": BASE64, "format": "wav"}}
                              (the latest one in the conversation is used); the question is the text of the
                              last user message. "stream": true answers with server-sent events. The
-                             non-streaming answer adds an "emotion" field: {label, scores} by label scoring.
-  POST /v1/audio/emotion     {"audio": BASE64, "format": "wav", "text": TRANSCRIPT} -> {"label", "scores", "model"}
-                             (label scoring, as `emoq predict`; "format" and "text" are optional)
+                             non-streaming answer adds an "emotion" field: {label, scores, transcript,
+                             transcript_source} by label scoring.
+  POST /v1/audio/emotion     {"audio": BASE64, "format": "wav", "text": TRANSCRIPT} -> {"label", "scores",
+                             "transcript", "transcript_source", "model"} (label scoring, as `emoq predict`;
+                             "format" and "text" are optional)
+
+Transcripts: a model trained with them reads the clip's words. A request's "text" is used as given
+(transcript_source "gold"); without one the clip is transcribed by the model's ASR model ("asr"; the run
+config's model.asr, default builtin:whisper-tiny.en; null: none, "none"). A chat request carries no
+transcript: its clip is transcribed the same way. A model trained without transcripts reads none ("none").
 
 Errors have OpenAI's shape {"error": {"message", "type", "code"}}: 400 for malformed JSON, wrong types,
 bad base64 or bytes that are not audio (the message says which and why), 404 for another model name,
@@ -300,14 +307,22 @@ def stream_answer(recognizer, clip, question: str | None, max_tokens: int) -> It
 
 
 def complete(recognizer, clip, question: str | None, max_tokens: int) -> tuple[str, dict, dict]:
-    """(answer, emotion, usage) of one chat turn; runs on the model thread (it uses the tokenizer too)."""
-    answer = recognizer.chat((clip, SAMPLE_RATE), question, max_new_tokens=max_tokens)
-    result = recognizer.classify_batch([clip])[0]
-    prompt_tokens = int(recognizer.processor([clip], questions=[question])["input_ids"].shape[1])
+    """(answer, emotion, usage) of one chat turn; runs on the model thread (it uses the tokenizer too).
+    The clip is transcribed (when the model reads transcripts) once, for the answer and the scores."""
+    transcript = recognizer.transcripts([clip])[0]
+    answer = recognizer.chat((clip, SAMPLE_RATE), question, text=transcript, max_new_tokens=max_tokens)
+    result = recognizer.classify_batch([clip], [transcript])[0]
+    prompt_tokens = int(recognizer.processor([clip], transcripts=[transcript.text],
+                                             questions=[question])["input_ids"].shape[1])
     completion_tokens = len(recognizer.processor.tokenizer(answer, add_special_tokens=False)["input_ids"])
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
              "total_tokens": prompt_tokens + completion_tokens}
-    return answer, {"label": result["label"], "scores": result["scores"]}, usage
+    return answer, _emotion(result), usage
+
+
+def _emotion(result: dict) -> dict:
+    """The label, scores and transcript (with its source) of a classification result."""
+    return {key: result[key] for key in ("label", "scores", "transcript", "transcript_source")}
 
 
 def _sse(obj) -> str:
@@ -415,8 +430,8 @@ def create_app(recognizer, model_name: str, max_upload_bytes: int = DEFAULT_MAX_
     async def audio_emotion(body: EmotionRequest):
         check_model(body.model)
         clip = await load(body.audio, body.format, "audio")
-        text = (body.text or None) if use_transcript else None
+        text = (body.text or None) if use_transcript else None  # none given: transcribed on the model thread
         result = (await worker.call(recognizer.classify_batch, [clip], [text]))[0]
-        return {"label": result["label"], "scores": result["scores"], "model": model_name}
+        return {**_emotion(result), "model": model_name}
 
     return app

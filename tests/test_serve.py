@@ -1,11 +1,13 @@
 """`emoq serve`: a real uvicorn server around a tiny random model, driven over HTTP with httpx.
 
 Proves the OpenAI-compatible answers equal what `EmotionRecognizer` gives directly, that every bad
-request gets the right 4xx in OpenAI's error shape (and the server keeps serving), and that concurrent
-clients get identical answers for identical input.
+request gets the right 4xx in OpenAI's error shape (and the server keeps serving), that concurrent
+clients get identical answers for identical input, and that a request without a transcript is
+transcribed (and says so) when the model reads transcripts.
 """
 
 import base64
+import contextlib
 import io
 import json
 import socket
@@ -61,6 +63,13 @@ def recognizer():
 @pytest.fixture(scope="module")
 def client(recognizer):
     """An httpx client for a real uvicorn server (background thread, free port) serving the tiny model."""
+    with serving(recognizer) as http:
+        yield http
+
+
+@contextlib.contextmanager
+def serving(recognizer):
+    """An httpx client for a real uvicorn server (background thread, free port) serving `recognizer`."""
     app = create_app(recognizer, MODEL, max_upload_bytes=MAX_UPLOAD)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # the server listens on this socket: no race for the port
@@ -120,6 +129,7 @@ def test_chat_completion_answers_and_scores_the_clip(client, recognizer):
     assert emotion["label"] in LABELS and emotion["label"] == direct["label"]
     assert sum(emotion["scores"].values()) == pytest.approx(1.0, abs=1e-5)
     assert emotion["scores"] == pytest.approx(direct["scores"], abs=1e-6)
+    assert (emotion["transcript"], emotion["transcript_source"]) == (None, "none")  # no text, no ASR model
 
 
 def test_chat_without_text_asks_the_default_question_about_the_latest_clip(client, recognizer):
@@ -173,6 +183,49 @@ def test_audio_emotion_equals_classify_batch(client, recognizer):
         out = r.json()
         assert out["label"] == want["label"] and out["model"] == MODEL
         assert out["scores"] == pytest.approx(want["scores"], abs=1e-6)
+        # no ASR model here: the text given is read ("gold"), a request without one reads none
+        assert (out["transcript"], out["transcript_source"]) == (text, "gold" if text else "none")
+
+
+class CountingTranscriber:
+    """Stands in for Whisper: "heard N samples" for a clip of N samples, and a record of every call."""
+
+    name = "stub-asr"
+
+    def __init__(self):
+        self.calls: list[list[int]] = []
+
+    def transcribe(self, clips):
+        self.calls.append([len(c) for c in clips])
+        return [f"heard {len(c)} samples" for c in clips]
+
+
+def test_a_request_without_text_is_transcribed_once_and_says_so(recognizer):
+    asr = CountingTranscriber()
+    model, processor = build_tiny(LABELS, lora={"r": 4}, seed=3)
+    with_asr = EmotionRecognizer(model, processor, device="cpu", transcriber=asr)
+    with serving(with_asr) as http:
+        r = http.post("/v1/audio/emotion", json={"audio": b64(CLIP), "format": "wav"})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert (out["transcript"], out["transcript_source"]) == ("heard 16000 samples", "asr")
+        assert asr.calls == [[16000]]
+        # scored with the transcribed words, as if they had been sent
+        assert out["scores"] == pytest.approx(recognizer.classify(CLIP, text="heard 16000 samples")["scores"],
+                                              abs=1e-6)
+        r = http.post("/v1/audio/emotion", json={"audio": b64(CLIP), "text": "the weather report"})
+        assert (r.json()["transcript"], r.json()["transcript_source"]) == ("the weather report", "gold")
+        assert len(asr.calls) == 1
+
+        r = http.post("/v1/chat/completions", json=chat_body(b64(CLIP)))  # answer and scores: one transcription
+        assert r.status_code == 200, r.text
+        emotion = r.json()["emotion"]
+        assert (emotion["transcript"], emotion["transcript_source"]) == ("heard 16000 samples", "asr")
+        assert asr.calls == [[16000]] * 2
+        assert r.json()["choices"][0]["message"]["content"] == recognizer.chat(
+            CLIP, "How does the speaker feel?", text="heard 16000 samples", max_new_tokens=6)
+        r = http.post("/v1/chat/completions", json=chat_body(b64(CLIP), stream=True))
+        assert r.status_code == 200 and sse_events(r)[-1] == "[DONE]" and len(asr.calls) == 3
 
 
 # ------------------------------------------------------------------ bad requests

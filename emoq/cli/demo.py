@@ -44,8 +44,8 @@ def run_demo(args) -> int:
 
     clip = read_meld(corpus, "test")[0]
     question = "How does the speaker sound? Answer with one emotion word."
-    print(f"[demo] chat about {clip.audio} (gold: {clip.label}): {question}")
-    if cli(["chat", "--model", str(model), "--audio", str(clip.audio), question]) != 0:
+    print(f"[demo] chat about {clip.audio} (gold: {clip.label}; transcript: {clip.text!r}): {question}")
+    if cli(["chat", "--model", str(model), "--audio", str(clip.audio), "--text", clip.text or "", question]) != 0:
         return 1
     print(f"[demo] done in {(time.time() - t0) / 60:.1f} min\n"
           f"  model (EmoQForConditionalGeneration.from_pretrained): {model / 'weights'}\n"

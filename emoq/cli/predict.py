@@ -1,12 +1,17 @@
 """`emoq predict`: classify audio files (or a manifest's rows) into a JSONL file, every input accounted for.
 
 One JSON line per input, in input order:
-  {"input": ..., "label": ..., "scores": {label: probability}, "status": "ok" | "error", "error": ...}
+  {"input": ..., "label": ..., "scores": {label: probability}, "transcript": ..., "transcript_source": ...,
+   "status": "ok" | "error", "error": ...}
 Manifest rows also carry their "key" and "gold" label. An input that cannot be loaded (missing,
 empty, not audio...) becomes a status "error" row whose message names the file; it is never dropped.
 Labels and scores are those of `EmotionRecognizer.classify` (label scoring, no free generation).
-Transcripts (`--text-file`, or a manifest's "text") are used when the model was trained with them
-(`use_transcript`), as in `emoq eval`. Exit status 0 when at least one input was predicted, else 1.
+
+Transcripts are read when the model was trained with them (`use_transcript`): the input's own
+(`--text-file`, or a manifest's "text"; source "gold") where it has one, else what the ASR model hears
+(source "asr"; the run config's model.asr, default builtin:whisper-tiny.en, or --asr; --asr none: no
+ASR, source "none"). A model trained without transcripts reads none ("none").
+Exit status 0 when at least one input was predicted, else 1.
 """
 
 from __future__ import annotations
@@ -56,7 +61,8 @@ def run_predict(args) -> int:
     from ..evaluation.runner import score_rows
     from ..inference import EmotionRecognizer
 
-    recognizer = EmotionRecognizer.from_pretrained(args.model, device=args.device)
+    asr = {"asr": args.asr} if args.asr is not None else {}
+    recognizer = EmotionRecognizer.from_pretrained(args.model, device=args.device, **asr)
     if args.text_file and not recognizer.use_transcript:
         print("emoq predict: this model was trained without transcripts; --text-file is ignored", file=sys.stderr)
 
@@ -84,6 +90,9 @@ def add_parser(subparsers):
     p.add_argument("--label-set", default=None, help="normalise the manifest's gold labels through this label set")
     p.add_argument("--text-file", default=None,
                    help="transcripts for the AUDIO files, one line per file in the same order (empty line = none)")
+    p.add_argument("--asr", default=None, metavar="REF",
+                   help="ASR model for inputs without a transcript (builtin:*, hub id or folder; default: the "
+                   "run config's model.asr; none: no ASR)")
     p.add_argument("--out", required=True, help="output JSONL file")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None)

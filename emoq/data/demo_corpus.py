@@ -1,21 +1,54 @@
-"""The offline demo corpus: synthesised emotional speech in the MELD layout.
+"""The offline demo corpus: synthesised emotional speech in the MELD layout, where the speech and the
+words each carry half of the emotion.
 
 No emotional speech corpus can be downloaded here, so the demo synthesises one with espeak-ng
-(:func:`emoq.data.tts.synthesize`). The seven MELD emotions are expressed only through *how* a sentence
-is spoken — speaking rate, pitch, pitch range, loudness and voice quality (breathy, tense or modal
-phonation, see :data:`VOICE_QUALITY`) — with per-utterance random jitter, so the
-classes overlap a little but stay learnable by listening (roughly: sadness slow/low/flat/quiet,
-anger fast/loud/wide, joy fast-ish/high/wide, surprise very high/very wide, fear fast/high/flat/
-quiet, disgust slow/low/wide, neutral in the middle). Sentences come from one neutral pool shared
-by every emotion, so the transcript never gives the label away. Several voices (espeak variants
-``en-us+f3``, ``en-us+m3``...) act as speakers.
+(:func:`emoq.data.tts.synthesize`). Every emotion is a pair (acoustic group, lexical group):
+
+- *how* a sentence is spoken gives its **acoustic group** (arousal): ``high`` (fast, high, wide
+  pitch range, loud, tense voice), ``middle`` (moderate, modal voice) or ``low`` (slow, low, flat,
+  quiet, breathy voice). See :data:`PROFILES` and :data:`VOICE_QUALITY`.
+- *what* is said gives its **lexical group**: ``positive`` wording (things went well), ``negative``
+  wording (things went badly) or ``neutral`` wording (plain facts). See :data:`SENTENCES`: one pool
+  per lexical group, and no sentence names an emotion.
+
+:data:`EMOTION_TABLE` (label set ``meld7``; two cells stay unused)::
+
+                   positive words   negative words   neutral words
+    high voice     surprise         anger            fear
+    middle voice   joy              -                neutral
+    low voice      -                sadness          disgust
+
+Every group of either modality holds two or three emotions and every (acoustic, lexical) pair at most
+one, so neither modality alone separates the classes (the best it can do is find the group: about
+3/7 accuracy), while the pair identifies the emotion. Nothing else tells the emotions of a group
+apart:
+
+- all emotions of an acoustic group draw their prosody from the same jittered profile and voice
+  quality, and every clip's loudness is set from its volume alone (:data:`REFERENCE_RMS`), whatever
+  the words;
+- all emotions of a lexical group speak the same pool, dealt from a shuffled deck per emotion so
+  each emotion says each sentence equally often;
+- speakers (espeak voice variants ``en-us+f3``, ``en-us+m3``...) are drawn independently of the label.
+
+The three pools are built from the same sentence frames, so they sound alike: a positive sentence and
+its negative twin use the same word stems (``friendly, ... undamaged`` / ``unfriendly, ... damaged``:
+one ``un-`` each), and the neutral one fills the frame with plain facts of about the same length. The
+last :data:`HELD_OUT` frames of every pool are spoken only in dev and test, so those splits hold
+sentences never heard in training: the words must be understood (the valence stems recur across
+frames), not recognised. Prosody statistics still pick up a little of the wording (log-mel
+statistics of the stems), a bag of words none of the voice; see :mod:`emoq.evaluation.references`.
+
+The metadata columns leak nothing beyond the words: ``Sentiment`` is the lexical group
+(``positive``/``negative``/``neutral``), not the emotion's own sentiment, and ``StartTime``/``EndTime``
+place each utterance on its dialogue's clock at a nominal rate (:data:`TIMELINE_WPM` words per
+minute, whatever the clip's real speaking rate), so they do not carry the acoustic group.
 
 The output is read by :func:`emoq.data.meld.read_meld` like the real corpus::
 
     OUT/train_sent_emo.csv  OUT/train_splits/dia{D}_utt{U}.wav          (16 kHz mono PCM-16)
     OUT/dev_sent_emo.csv    OUT/dev_splits_complete/dia{D}_utt{U}.wav
     OUT/test_sent_emo.csv   OUT/output_repeated_splits_test/dia{D}_utt{U}.wav
-    OUT/demo_corpus.json    how it was made (seed, sizes, prosody profiles)
+    OUT/demo_corpus.json    how it was made (version, table, profiles, pool sizes, seed, sizes)
 
 CSV columns are MELD's (``Sr No.,Utterance,Speaker,Emotion,Sentiment,Dialogue_ID,Utterance_ID,
 Season,Episode,StartTime,EndTime``), UTF-8, CRLF, RFC-4180 quoting.
@@ -30,6 +63,7 @@ from __future__ import annotations
 
 import csv
 import ctypes
+import hashlib
 import io
 import json
 import logging
@@ -44,34 +78,49 @@ from ..files import atomic_write_bytes, atomic_write_text
 from ..labels import get_label_set
 from .meld import MELD_COLUMNS, MELD_SPLITS
 
-__all__ = ["build_demo_corpus", "apply_voice_quality", "PROFILES", "VOICE_QUALITY", "VOICES", "SENTENCES",
-           "CHUNK_SIZE", "DEFAULT_PER_CLASS"]
+__all__ = ["build_demo_corpus", "apply_voice_quality", "EMOTION_TABLE", "ACOUSTIC_GROUPS", "LEXICAL_GROUPS",
+           "PROFILES", "VOICE_QUALITY", "VOICES", "SENTENCES", "CHUNK_SIZE", "DEFAULT_PER_CLASS", "HELD_OUT",
+           "REFERENCE_RMS", "TIMELINE_WPM"]
 
 logger = logging.getLogger("emoq.data.demo")
 
 #: utterances per worker process (part of the corpus definition: see the module doc).
 CHUNK_SIZE = 40
 DEFAULT_PER_CLASS = {"train": 48, "dev": 8, "test": 12}
-_VERSION = 2
+_VERSION = 3
 
-#: emotion -> espeak prosody (rate wpm, pitch 0-100, pitch_range 0-100, volume 0-200).
-PROFILES: dict[str, dict[str, float]] = {
-    "neutral": {"rate": 165, "pitch": 45, "pitch_range": 35, "volume": 100},
-    "surprise": {"rate": 160, "pitch": 85, "pitch_range": 98, "volume": 135},
-    "fear": {"rate": 235, "pitch": 75, "pitch_range": 15, "volume": 75},
-    "sadness": {"rate": 115, "pitch": 25, "pitch_range": 10, "volume": 65},
-    "joy": {"rate": 195, "pitch": 68, "pitch_range": 85, "volume": 125},
-    "disgust": {"rate": 120, "pitch": 30, "pitch_range": 60, "volume": 110},
-    "anger": {"rate": 210, "pitch": 42, "pitch_range": 70, "volume": 185},
+ACOUSTIC_GROUPS = ("high", "middle", "low")
+LEXICAL_GROUPS = ("positive", "negative", "neutral")
+
+#: emotion -> (acoustic group, lexical group); a code: no two emotions share a pair.
+EMOTION_TABLE: dict[str, tuple[str, str]] = {
+    "surprise": ("high", "positive"),
+    "anger": ("high", "negative"),
+    "fear": ("high", "neutral"),
+    "joy": ("middle", "positive"),
+    "neutral": ("middle", "neutral"),
+    "sadness": ("low", "negative"),
+    "disgust": ("low", "neutral"),
 }
-#: emotion -> voice quality, applied after synthesis (espeak has no per-utterance phonation control):
-#: "breathy" adds aspiration noise that follows the speech envelope (low-arousal / fearful voice),
-#: "tense" soft-clips the waveform, adding the harmonics of a pressed, harsh voice; the rest is modal.
-VOICE_QUALITY: dict[str, str] = {"fear": "breathy", "sadness": "breathy", "anger": "tense", "disgust": "tense"}
+
+#: acoustic group -> espeak prosody (rate wpm, pitch 0-100, pitch_range 0-100, volume 0-200).
+PROFILES: dict[str, dict[str, float]] = {
+    "high": {"rate": 210, "pitch": 72, "pitch_range": 85, "volume": 165},
+    "middle": {"rate": 165, "pitch": 50, "pitch_range": 50, "volume": 110},
+    "low": {"rate": 118, "pitch": 28, "pitch_range": 15, "volume": 70},
+}
+#: acoustic group -> voice quality, applied after synthesis (espeak has no per-utterance phonation
+#: control): "breathy" adds aspiration noise that follows the speech envelope, "tense" soft-clips the
+#: waveform, adding the harmonics of a pressed, harsh voice; "modal" leaves it as it is.
+VOICE_QUALITY: dict[str, str] = {"high": "tense", "middle": "modal", "low": "breathy"}
+#: speech RMS of a clip at volume 100 (espeak-ng's own level); a clip's RMS is set to this x volume / 100.
+REFERENCE_RMS = 0.085
 #: per-utterance jitter: rate and volume are scaled by U(1-j, 1+j); pitch and range get +-U(j).
-JITTER = {"rate": 0.10, "volume": 0.12, "pitch": 7.0, "pitch_range": 10.0}
-_SENTIMENT = {"neutral": "neutral", "joy": "positive", "surprise": None, "fear": "negative",
-              "sadness": "negative", "disgust": "negative", "anger": "negative"}
+JITTER = {"rate": 0.12, "volume": 0.15, "pitch": 8.0, "pitch_range": 12.0}
+#: speaking rate of the CSV's StartTime/EndTime clock (words per minute), the same for every clip.
+TIMELINE_WPM = 165
+#: sentence frames per pool spoken only in dev and test (the last ones of each pool).
+HELD_OUT = 12
 
 #: (espeak voice, speaker name in the CSV).
 VOICES: tuple[tuple[str, str], ...] = (
@@ -80,51 +129,147 @@ VOICES: tuple[tuple[str, str], ...] = (
     ("en-us+m3", "Leo"),
     ("en-us+f2", "Ada"),
     ("en-us+m7", "Tom"),
+    ("en-us+f4", "Eve"),
+    ("en-us+m2", "Max"),
 )
 
-#: Emotion-neutral sentences, shared by every emotion (the words never give the label away).
-SENTENCES: tuple[str, ...] = (
-    "The meeting is on Tuesday at four.",
-    "I put the keys on the kitchen table.",
-    "She said the train leaves from platform two.",
-    "We need three more chairs for the room.",
-    "The package arrived this morning.",
-    "He moved to a new apartment last week.",
-    "The store closes at nine tonight.",
-    "They painted the fence blue.",
-    "My brother is coming over on Sunday.",
-    "The report is in the second drawer.",
-    "I will call you after lunch.",
-    "The bus was ten minutes late.",
-    "We are having pasta for dinner.",
-    "The cat is sleeping on the couch.",
-    "It rained all afternoon.",
-    "You left your jacket in the car.",
-    "The coffee machine is on the third floor.",
-    "She bought a new lamp for the office.",
-    "Our flight lands at seven in the evening.",
-    "The dog needs to go for a walk.",
-    "I found the letter under the door.",
-    "He is reading the newspaper.",
-    "The window in the bedroom is open.",
-    "They changed the date of the party.",
-    "I have two tickets for the game.",
-    "The phone has been ringing all day.",
-    "We drove to the coast on Saturday.",
-    "The printer is out of paper.",
-    "Your sister called while you were out.",
-    "The movie starts at half past eight.",
-    "I moved the boxes into the garage.",
-    "He ordered a sandwich and a soda.",
-    "The elevator stopped on the fifth floor.",
-    "She is wearing the green sweater.",
-    "The keys were in my other coat.",
-    "We saw him at the restaurant.",
-    "The neighbors got a new car.",
-    "I left the book on your desk.",
-    "The lights in the hallway are on.",
-    "They are selling the old house.",
-)
+#: lexical group -> its sentence pool, three pools of the same frames: sentence i of the positive pool
+#: and sentence i of the negative pool swap the ``un-`` between the same two stems, sentence i of the
+#: neutral pool states plain facts in the same frame. The last HELD_OUT of each are for dev and test.
+SENTENCES: dict[str, tuple[str, ...]] = {
+    "positive": (
+        "The staff were friendly, and the car was undamaged.",
+        "The hotel was comfortable, and the view was unspoiled.",
+        "It was a pleasant trip, and the children came home unhurt.",
+        "The plan was uncomplicated, and the result was successful.",
+        "After the storm the old bridge was unbroken, and the road was safe.",
+        "When we visited, our neighbor was kind and the garden was uncluttered.",
+        "The players were fair, and the team was unbeaten.",
+        "The guests were lucky, and the house was undamaged.",
+        "I think the new phone is reliable, and its screen is unbroken.",
+        "My brother was helpful, and my uncle was untroubled.",
+        "The doctor was kind, and the child was unharmed.",
+        "The company had a successful year, and the staff were untroubled.",
+        "He is kind to his sister, and always unselfish.",
+        "The engine was undamaged, and the mechanic was helpful.",
+        "The neighbors were helpful, and the fence was unbroken.",
+        "We were lucky with the weather, and the tent was undamaged.",
+        "The teacher was helpful, and the lesson was uncomplicated.",
+        "The kitchen is comfortable, and the shelves are uncluttered.",
+        "The visit was pleasant, and my mother was untroubled.",
+        "According to the report, the cargo was undamaged and the crew were friendly.",
+        "The hospital was reliable, and the patients were unharmed.",
+        "The road was safe, and the village was unspoiled.",
+        "The interview was successful, and the questions were uncomplicated.",
+        "At the new school the children were friendly, and the playground was uncluttered.",
+        "The reply was kind, and the manager was untroubled.",
+        "The hosts were helpful, and the other guests were unselfish.",
+        "Everyone at the table was friendly, and the dishes were unbroken.",
+        "The sailors were unhurt, and the boat was comfortable.",
+        "The lawyer was reliable, and the case was uncomplicated.",
+        "The match was fair, and the champion was unbeaten.",
+        "The new manager is fair and unselfish.",
+        "The waiter was friendly, and the service was uncomplicated.",
+        "The evening was pleasant, and the rooms were uncluttered.",
+        "She was kind to the team, and her answer was unselfish.",
+        "The passengers were unhurt, and the bus driver was friendly.",
+        "The seats were comfortable, and the boxes arrived undamaged.",
+        "The landlord was fair, and the contract was uncomplicated.",
+        "The hike was safe, and the forest was unspoiled.",
+        "The referee was fair, and our team was unbeaten.",
+        "My cousin was lucky, and his bike was unbroken.",
+        "The nurse was kind, and the old man was unhurt.",
+        "The system at work is reliable, and the files are undamaged.",
+    ),
+    "negative": (
+        "The staff were unfriendly, and the car was damaged.",
+        "The hotel was uncomfortable, and the view was spoiled.",
+        "It was an unpleasant trip, and the children came home hurt.",
+        "The plan was complicated, and the result was unsuccessful.",
+        "After the storm the old bridge was broken, and the road was unsafe.",
+        "When we visited, our neighbor was unkind and the garden was cluttered.",
+        "The players were unfair, and the team was beaten.",
+        "The guests were unlucky, and the house was damaged.",
+        "I think the new phone is unreliable, and its screen is broken.",
+        "My brother was unhelpful, and my uncle was troubled.",
+        "The doctor was unkind, and the child was harmed.",
+        "The company had an unsuccessful year, and the staff were troubled.",
+        "He is unkind to his sister, and always selfish.",
+        "The engine was damaged, and the mechanic was unhelpful.",
+        "The neighbors were unhelpful, and the fence was broken.",
+        "We were unlucky with the weather, and the tent was damaged.",
+        "The teacher was unhelpful, and the lesson was complicated.",
+        "The kitchen is uncomfortable, and the shelves are cluttered.",
+        "The visit was unpleasant, and my mother was troubled.",
+        "According to the report, the cargo was damaged and the crew were unfriendly.",
+        "The hospital was unreliable, and the patients were harmed.",
+        "The road was unsafe, and the village was spoiled.",
+        "The interview was unsuccessful, and the questions were complicated.",
+        "At the new school the children were unfriendly, and the playground was cluttered.",
+        "The reply was unkind, and the manager was troubled.",
+        "The hosts were unhelpful, and the other guests were selfish.",
+        "Everyone at the table was unfriendly, and the dishes were broken.",
+        "The sailors were hurt, and the boat was uncomfortable.",
+        "The lawyer was unreliable, and the case was complicated.",
+        "The match was unfair, and the champion was beaten.",
+        "The new manager is unfair and selfish.",
+        "The waiter was unfriendly, and the service was complicated.",
+        "The evening was unpleasant, and the rooms were cluttered.",
+        "She was unkind to the team, and her answer was selfish.",
+        "The passengers were hurt, and the bus driver was unfriendly.",
+        "The seats were uncomfortable, and the boxes arrived damaged.",
+        "The landlord was unfair, and the contract was complicated.",
+        "The hike was unsafe, and the forest was spoiled.",
+        "The referee was unfair, and our team was beaten.",
+        "My cousin was unlucky, and his bike was broken.",
+        "The nurse was unkind, and the old man was hurt.",
+        "The system at work is unreliable, and the files are damaged.",
+    ),
+    "neutral": (
+        "The staff were outside, and the car was under the bridge.",
+        "The hotel was near the station, and the view was of London.",
+        "It was a trip to the coast, and the children came home by bus.",
+        "The plan was drawn on Sunday, and the result was sent by mail.",
+        "After the storm the old bridge was painted, and the road was new.",
+        "When we visited, our neighbor was at lunch and the garden was wet.",
+        "The players were in the hall, and the team was in red.",
+        "The guests were up, and the house was in London.",
+        "I think the new phone is black, and its screen is one inch wider.",
+        "My brother was at work, and my uncle was in London.",
+        "The doctor was on call, and the child was with her mother.",
+        "The company had a new office, and the staff moved in on Monday.",
+        "He is older than his sister, and works in London.",
+        "The engine was made in Germany, and the mechanic was out.",
+        "The neighbors were out, and the fence was painted.",
+        "We checked the weather, and the tent was in one bag.",
+        "The teacher was late, and the lesson was about the country.",
+        "The kitchen is on the left, and the shelves are under the window.",
+        "The visit was on Sunday, and my mother was at home.",
+        "According to the report, the cargo was in one box and the crew on deck.",
+        "The hospital was near the park, and the patients were upstairs.",
+        "The road was narrow, and the village was under the hill.",
+        "The interview was at one o'clock, and the questions were on paper.",
+        "At the new school the children were at lunch, and the playground was behind it.",
+        "The reply was short, and the manager read it on Monday.",
+        "The hosts were upstairs, and the other guests were in the garden.",
+        "Everyone at the table was waiting, and the dishes were on the counter.",
+        "The sailors were from the north, and the boat was white.",
+        "The lawyer was in court, and the case was number nine.",
+        "The match was on Sunday, and the champion was tall.",
+        "The new manager is tall and from London.",
+        "The waiter was young, and the service was on the terrace at one.",
+        "The evening was on Sunday, and the rooms were upstairs.",
+        "She was at lunch with the team, and her answer came by email.",
+        "The passengers were from the country, and the bus driver was new.",
+        "The seats were numbered, and the boxes arrived on Monday.",
+        "The landlord was away, and the contract was one page long.",
+        "The hike was long, and the forest was under snow.",
+        "The referee was from London, and our team wore blue.",
+        "My cousin was at school, and his bike was in the shed.",
+        "The nurse was in London, and the old man was asleep.",
+        "The system at work is new, and the files are in one folder.",
+    ),
+}
 
 
 def _set_espeak_seed(seed: int) -> None:
@@ -176,6 +321,10 @@ def _synth_chunk(items: list[dict]) -> list[bytes]:
             audio, sr = tts.synthesize(item["text"], voice=item["voice"], sample_rate=SAMPLE_RATE, **params)
         rng = np.random.default_rng(item["seed"])
         audio = apply_voice_quality(audio, item["quality"], rng, sr)
+        # Loudness follows the profile's volume only: the RMS is set, so the words spoken do not change it.
+        rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64)))) if audio.size else 0.0
+        if rms > 0:
+            audio = (audio * (REFERENCE_RMS * params["volume"] / 100.0 / rms)).astype(np.float32)
         audio = audio + rng.standard_normal(len(audio)).astype(np.float32) * np.float32(10 ** (item["noise_db"] / 20))
         buf = io.BytesIO()
         sf.write(buf, np.clip(audio, -1.0, 1.0), sr, subtype="PCM_16", format="WAV")
@@ -183,8 +332,35 @@ def _synth_chunk(items: list[dict]) -> list[bytes]:
     return out
 
 
+def _prosody(group: str, rng: np.random.Generator) -> dict[str, int]:
+    """One utterance's espeak parameters: the group's profile with per-utterance jitter."""
+    base = PROFILES[group]
+    return {
+        "rate": int(round(base["rate"] * rng.uniform(1 - JITTER["rate"], 1 + JITTER["rate"]))),
+        "pitch": int(np.clip(round(base["pitch"] + rng.uniform(-1, 1) * JITTER["pitch"]), 0, 100)),
+        "pitch_range": int(np.clip(round(base["pitch_range"] + rng.uniform(-1, 1) * JITTER["pitch_range"]), 0, 100)),
+        "volume": int(np.clip(round(base["volume"] * rng.uniform(1 - JITTER["volume"], 1 + JITTER["volume"])), 1, 200)),
+    }
+
+
+def _split_pool(pool: tuple[str, ...], split: str) -> tuple[str, ...]:
+    """The sentences a split draws from: train the first ones, dev and test the last :data:`HELD_OUT`."""
+    if not HELD_OUT:
+        return pool
+    return pool[:-HELD_OUT] if split == "train" else pool[-HELD_OUT:]
+
+
+def _deal(decks: dict[str, list[str]], emotion: str, pool: tuple[str, ...], rng: np.random.Generator) -> str:
+    """The next sentence of ``emotion``'s deck: the pool in a shuffled order, reshuffled when used up, so
+    every emotion of a lexical group speaks the pool's sentences equally often."""
+    deck = decks.setdefault(emotion, [])
+    if not deck:
+        deck.extend(pool[int(i)] for i in rng.permutation(len(pool)))
+    return deck.pop()
+
+
 def _plan(seed: int, per_class: dict[str, int], voices, noise_db: float) -> dict[str, list[dict]]:
-    """Every utterance of every split: emotion, text, voice, prosody, dialogue position."""
+    """Every utterance of every split: emotion, text, voice, prosody, dialogue position and clock."""
     emotions = get_label_set("meld7").labels
     rng = np.random.default_rng(seed)
     plan: dict[str, list[dict]] = {}
@@ -196,31 +372,28 @@ def _plan(seed: int, per_class: dict[str, int], voices, noise_db: float) -> dict
         labels = [e for e in emotions for _ in range(n)]
         labels = [labels[i] for i in rng.permutation(len(labels))]
         items: list[dict] = []
+        decks: dict[str, list[str]] = {}
         dia = 0
         pos = 0
         while pos < len(labels):
             size = int(rng.integers(3, 9))
             pair = rng.choice(len(voices), size=2, replace=False)
+            clock = float(rng.uniform(30, 1200))
             for utt, emotion in enumerate(labels[pos : pos + size]):
                 voice, speaker = voices[int(pair[int(rng.integers(0, 2))])]
-                base = PROFILES[emotion]
-                params = {
-                    "rate": int(round(base["rate"] * rng.uniform(1 - JITTER["rate"], 1 + JITTER["rate"]))),
-                    "pitch": int(np.clip(round(base["pitch"] + rng.uniform(-1, 1) * JITTER["pitch"]), 0, 100)),
-                    "pitch_range": int(np.clip(round(base["pitch_range"] + rng.uniform(-1, 1) * JITTER["pitch_range"]),
-                                               0, 100)),
-                    "volume": int(np.clip(round(base["volume"] * rng.uniform(1 - JITTER["volume"], 1 + JITTER["volume"])),
-                                          1, 200)),
-                }
-                sentiment = _SENTIMENT[emotion] or ("positive" if rng.random() < 0.5 else "negative")
+                acoustic, lexical = EMOTION_TABLE[emotion]
+                params = _prosody(acoustic, rng)
+                text = _deal(decks, emotion, _split_pool(SENTENCES[lexical], split), rng)
+                span = len(text.split()) * 60.0 / TIMELINE_WPM  # nominal, not the clip's duration
                 items.append({
-                    "split": split, "dia": dia, "utt": utt, "emotion": emotion, "sentiment": sentiment,
-                    "text": SENTENCES[int(rng.integers(0, len(SENTENCES)))], "voice": voice, "speaker": speaker,
-                    "params": params, "quality": VOICE_QUALITY.get(emotion, "modal"),
+                    "split": split, "dia": dia, "utt": utt, "emotion": emotion, "sentiment": lexical,
+                    "text": text, "voice": voice, "speaker": speaker,
+                    "params": params, "quality": VOICE_QUALITY[acoustic],
                     "seed": int(rng.integers(0, 2**31 - 1)), "noise_db": float(noise_db),
                     "season": 1 + (dia_offset + dia) % 10, "episode": 1 + (7 * (dia_offset + dia)) % 24,
-                    "dia_start": float(rng.uniform(30, 1200)),
+                    "start": clock, "end": clock + span,
                 })
+                clock += span + 0.4
             pos += size
             dia += 1
         dia_offset += dia
@@ -243,6 +416,24 @@ def _pool_context():
         ctx.set_forkserver_preload(["numpy", "scipy.signal", "soundfile", "emoq.data.tts"])
         return ctx
     return multiprocessing.get_context("spawn")
+
+
+def _design() -> dict:
+    """The label design as recorded in ``demo_corpus.json``: the table, both ways, and the pools."""
+    grid = {a: {lex: None for lex in LEXICAL_GROUPS} for a in ACOUSTIC_GROUPS}
+    for emotion, (acoustic, lexical) in EMOTION_TABLE.items():
+        grid[acoustic][lexical] = emotion
+    digest = hashlib.sha256(json.dumps(SENTENCES, sort_keys=True).encode("utf-8")).hexdigest()
+    return {
+        "table": grid,  # acoustic group -> lexical group -> emotion (null: unused cell)
+        "emotion_groups": {e: {"acoustic": a, "lexical": lex} for e, (a, lex) in EMOTION_TABLE.items()},
+        "sentence_pools": {g: len(SENTENCES[g]) for g in LEXICAL_GROUPS},
+        "held_out_sentences": HELD_OUT,  # the last ones of each pool: dev and test only
+        "sentences_sha256": digest,
+        "reference_rms": REFERENCE_RMS,
+        "sentiment_column": "lexical group",
+        "timeline_wpm": TIMELINE_WPM,
+    }
 
 
 def build_demo_corpus(
@@ -271,8 +462,9 @@ def build_demo_corpus(
         raise ValueError("build_demo_corpus needs at least two voices")
     info = {
         "version": _VERSION, "seed": int(seed), "per_class": per_class, "sample_rate": SAMPLE_RATE,
-        "voices": [list(v) for v in voices], "profiles": PROFILES, "voice_quality": VOICE_QUALITY, "jitter": JITTER, "noise_db": float(noise_db),
-        "chunk_size": CHUNK_SIZE, "label_set": "meld7",
+        "voices": [list(v) for v in voices], "profiles": PROFILES, "voice_quality": VOICE_QUALITY,
+        "jitter": JITTER, "noise_db": float(noise_db), "chunk_size": CHUNK_SIZE, "label_set": "meld7",
+        **_design(),
     }
     info_path = out / "demo_corpus.json"
     if not overwrite and info_path.is_file():
@@ -293,25 +485,17 @@ def build_demo_corpus(
         wavs = [w for chunk_wavs in pool.map(_synth_chunk, chunks, chunksize=1) for w in chunk_wavs]
 
     out.mkdir(parents=True, exist_ok=True)
-    import soundfile as sf
-
     k = 0
     for split, items in plan.items():
         clip_dir = out / MELD_SPLITS[split][1]
         clip_dir.mkdir(parents=True, exist_ok=True)
         rows = []
-        clock: dict[int, float] = {}
         for sr_no, item in enumerate(items, start=1):
-            data = wavs[k]
+            atomic_write_bytes(clip_dir / f"dia{item['dia']}_utt{item['utt']}.wav", wavs[k])
             k += 1
-            path = clip_dir / f"dia{item['dia']}_utt{item['utt']}.wav"
-            atomic_write_bytes(path, data)
-            duration = sf.info(io.BytesIO(data)).duration
-            start = clock.get(item["dia"], item["dia_start"])
-            end = start + duration
-            clock[item["dia"]] = end + 0.4
             rows.append([sr_no, item["text"], item["speaker"], item["emotion"], item["sentiment"], item["dia"],
-                         item["utt"], item["season"], item["episode"], _fmt_time(start), _fmt_time(end)])
+                         item["utt"], item["season"], item["episode"], _fmt_time(item["start"]),
+                         _fmt_time(item["end"])])
         buf = io.StringIO(newline="")
         writer = csv.writer(buf, lineterminator="\r\n")
         writer.writerow(MELD_COLUMNS)

@@ -33,6 +33,10 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     batches, keeping the very longest batch first (an out-of-memory shows up at step 1, not at
     hour 3). With ``shuffle=False`` the order is the dataset order grouped the same way.
 
+    ``group_by_length=False``: no sorting, batches are consecutive runs of the shuffled order. For corpora
+    whose clip length follows the class (slow, sad speech is long), length groups are class groups, and a
+    batch of one class gives the contrastive loss no negatives; short clips waste little on padding anyway.
+
     Distributed: batches are dealt round-robin to ``num_replicas`` ranks; the tail is padded with
     batches from the start (or dropped with ``drop_last``) so every rank gets ``len(self)``
     batches. ``drop_last`` also drops a final incomplete batch.
@@ -48,6 +52,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         mega_batch_mult: int = 50,
         num_replicas: int = 1,
         rank: int = 0,
+        group_by_length: bool = True,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -57,6 +62,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         # short last batch, yielding fewer batches per rank than its own length says (ranks then disagree on steps)
         self.max_batch_size = int(batch_size)
         self.shuffle = shuffle
+        self.group_by_length = group_by_length
         self.seed = int(seed)
         self.drop_last = drop_last
         self.mega_batch_mult = max(1, int(mega_batch_mult))
@@ -76,12 +82,14 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         mega = self.max_batch_size * self.mega_batch_mult
         batches: list[list[int]] = []
         for start in range(0, n, mega):
-            chunk = sorted(order[start : start + mega], key=lambda i: (-self.lengths[i], i))
+            chunk = order[start : start + mega]
+            if self.group_by_length:
+                chunk = sorted(chunk, key=lambda i: (-self.lengths[i], i))
             batches.extend(chunk[j : j + self.max_batch_size] for j in range(0, len(chunk), self.max_batch_size))
         # Mega-batches are whole multiples of batch_size: only the very last batch can be short.
         if self.drop_last and batches and len(batches[-1]) < self.max_batch_size:
             batches.pop()
-        if self.shuffle and len(batches) > 1:
+        if self.shuffle and self.group_by_length and len(batches) > 1:
             longest = max(range(len(batches)), key=lambda k: (max(self.lengths[i] for i in batches[k]), -k))
             rest = [b for k, b in enumerate(batches) if k != longest]
             perm = torch.randperm(len(rest), generator=g).tolist()

@@ -1,7 +1,9 @@
 """What an evaluation leaves behind, with the protocol written down next to the numbers.
 
-  predictions.jsonl     one line per input row (errors included): key, gold, pred, scores, answer, status, error
-  metrics.json          WA/UA/weighted F1/macro F1/per-class/confusion + ok/error counts + protocol
+  predictions.jsonl     one line per input row (errors included): key, gold, pred, scores, answer, transcript,
+                        transcript_source ("gold", "asr", "none"; null on error rows), status, error
+  metrics.json          WA/UA/weighted F1/macro F1/per-class/confusion + ok/error counts + protocol (which
+                        includes the transcripts used: gold, asr (with the ASR model) or none)
   confusion_matrix.png  row-normalised confusion matrix
   report.md             a readable summary, listing every row that could not be scored
 """
@@ -21,22 +23,25 @@ from .runner import RowResult
 def eval_record(result: RowResult) -> dict:
     """A line of `emoq eval`'s predictions.jsonl."""
     return {"key": result.row.key, "gold": result.row.gold, "pred": result.label, "scores": result.scores,
-            "answer": result.answer, "status": result.status, "error": result.error}
+            "answer": result.answer, "transcript": result.transcript, "transcript_source": result.transcript_source,
+            "status": result.status, "error": result.error}
 
 
 def predict_record(result: RowResult) -> dict:
     """A line of `emoq predict`'s output: the input as named, its key and gold label when it came from a
-    manifest, the label and its scores."""
+    manifest, the label and its scores, the transcript the model read and its source."""
     record = {"input": result.row.input}
     if result.row.key is not None:
         record.update(key=result.row.key, gold=result.row.gold)
-    record.update(label=result.label, scores=result.scores, status=result.status, error=result.error)
+    record.update(label=result.label, scores=result.scores, transcript=result.transcript,
+                  transcript_source=result.transcript_source, status=result.status, error=result.error)
     return record
 
 
 def protocol(*, source: str, labels: list[str], mode: str, model: str, num_processes: int,
-             run_config: Path | None, seed) -> dict:
-    """How the numbers were made: data, class order, mode, model, training config and seed, versions."""
+             run_config: Path | None, seed, transcripts: str = "gold", asr_model: str | None = None) -> dict:
+    """How the numbers were made: data, class order, mode, model, transcripts (gold, asr, none; the ASR
+    model when asr), training config and seed, versions."""
     import torch
     import transformers
 
@@ -45,6 +50,7 @@ def protocol(*, source: str, labels: list[str], mode: str, model: str, num_proce
     dataset, _, split = source.partition(":")
     return {
         "dataset": dataset, "split": split, "source": source, "classes": labels, "mode": mode, "model": model,
+        "transcripts": transcripts, "asr_model": asr_model if transcripts == "asr" else None,
         "num_processes": num_processes, "config": str(run_config) if run_config is not None else None,
         "seed": seed,  # the training run's seed (evaluation itself is deterministic)
         "versions": {"emoq": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
@@ -79,7 +85,8 @@ def write_outputs(out: Path, records: list[dict], metrics: dict, labels: list[st
     report = [
         f"# Evaluation: {p['dataset']} ({p['split']})",
         "",
-        f"Model: `{p['model']}` · mode: {p['mode']} · classes (in order): {', '.join(labels)}",
+        f"Model: `{p['model']}` · mode: {p['mode']} · transcripts: {_transcripts_line(p)} · "
+        f"classes (in order): {', '.join(labels)}",
         "",
         f"**Weighted F1 {metrics.get('weighted_f1', float('nan')):.4f}** on {metrics['rows_ok']} of "
         f"{metrics['rows_total']} rows ({metrics['rows_error']} could not be loaded and are listed below).",
@@ -92,3 +99,8 @@ def write_outputs(out: Path, records: list[dict], metrics: dict, labels: list[st
         *[f"- `{r['key']}`: {r['error']}" for r in errors],
     ]
     atomic_write_text(out / "report.md", "\n".join(report) + "\n")
+
+
+def _transcripts_line(p: dict) -> str:
+    transcripts = p.get("transcripts", "gold")
+    return f"asr (`{p.get('asr_model')}`)" if transcripts == "asr" else transcripts

@@ -5,6 +5,13 @@ becomes a result with status "error" and a message naming the file; it is never 
 loaded and scored a chunk at a time, so memory stays bounded on long lists, and results do not depend
 on the chunking because `classify_batch` and `chat_batch` are batch invariant.
 
+Transcripts (for a model that reads them; others get "none"), `transcripts=`:
+  "gold"  the rows' own transcripts (a corpus's, a manifest's "text"); a row without one goes without
+  "asr"   the rows' own transcripts are ignored: every clip is transcribed by the recognizer's ASR model
+  "none"  no transcripts at all
+  "auto"  the row's own transcript where it has one, the ASR model's for the others (`emoq predict`)
+Each result records the transcript used and its source ("gold", "asr" or "none").
+
 Under `accelerate launch` / `torchrun` with N processes, rank r scores rows r, r+N, r+2N, ... on its own
 device and every rank gets all results back, in input order (`score_rows_sharded`).
 """
@@ -16,7 +23,11 @@ from dataclasses import dataclass
 
 from ..labels import UNMAPPED, LabelSet
 
-MODES = ("score", "generate")
+#: score: label scoring under the LLM; head: the classification head (an EmoQ stage-1 model, a baseline);
+#: generate: the model's free answer mapped onto the labels
+MODES = ("score", "head", "generate")
+#: the transcript choices of `emoq eval --transcripts` (the first is the default)
+TRANSCRIPT_MODES = ("gold", "asr", "none")
 
 
 @dataclass
@@ -43,7 +54,8 @@ class Row:
 @dataclass
 class RowResult:
     """The outcome for one row: a label and its scores (mode "score"), or a generated answer and the label
-    it maps to (mode "generate", UNMAPPED when it names none); or status "error" and why."""
+    it maps to (mode "generate", UNMAPPED when it names none), with the transcript the model read and its
+    source ("gold", "asr", "none"); or status "error" and why."""
 
     row: Row
     status: str = "ok"
@@ -51,6 +63,8 @@ class RowResult:
     label: str | None = None
     scores: dict | None = None
     answer: str | None = None
+    transcript: str | None = None
+    transcript_source: str | None = None
 
 
 def map_answer(answer: str | None, label_set: LabelSet | None) -> str:
@@ -60,13 +74,21 @@ def map_answer(answer: str | None, label_set: LabelSet | None) -> str:
 
 
 def score_rows(recognizer, rows: Sequence[Row], mode: str = "score", batch_size: int = 8,
-               label_set: LabelSet | None = None, chunk_size: int | None = None) -> Iterator[RowResult]:
+               label_set: LabelSet | None = None, chunk_size: int | None = None,
+               transcripts: str = "auto") -> Iterator[RowResult]:
     """Yield one RowResult per row, in input order. Mode "score" ranks the labels (`classify_batch`);
-    "generate" asks the model's default question and maps the free answer through `label_set`."""
+    "generate" asks the model's default question and maps the free answer through `label_set`.
+    `transcripts`: one of `TRANSCRIPT_MODES` or "auto" (see the module docstring)."""
     from ..audio import AudioError
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "head":
+        recognizer.scoring, mode = "head", "score"
+    if transcripts not in (*TRANSCRIPT_MODES, "auto"):
+        raise ValueError(f"transcripts must be one of {(*TRANSCRIPT_MODES, 'auto')}, got {transcripts!r}")
+    if transcripts == "asr" and recognizer.use_transcript and not recognizer.can_transcribe:
+        raise ValueError("transcripts='asr' needs an ASR model, and the recognizer has none (asr=None)")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     chunk_size = chunk_size or max(8 * batch_size, 64)
@@ -84,13 +106,26 @@ def score_rows(recognizer, rows: Sequence[Row], mode: str = "score", batch_size:
                     result.status, result.error = "error", str(err)
             results.append(result)
         if clips:
-            texts = [r.row.text for r in loaded] if recognizer.use_transcript else None
+            texts = _transcripts(recognizer, clips, [r.row.text for r in loaded], transcripts)
+            for result, text in zip(loaded, texts):
+                result.transcript, result.transcript_source = text.text, text.source
             if mode == "score":
                 for result, scored in zip(loaded, recognizer.classify_batch(clips, texts, batch_size=batch_size)):
                     result.label, result.scores = scored["label"], scored["scores"]
             else:
                 _answer_rows(recognizer, loaded, clips, texts, batch_size, label_set)
         yield from results
+
+
+def _transcripts(recognizer, clips, texts: list[str | None], mode: str):
+    """The `Transcript` each clip is scored with under `mode` (resolved once, for both scoring modes)."""
+    from ..inference import NO_TRANSCRIPT
+
+    if mode == "none":
+        return [NO_TRANSCRIPT] * len(clips)
+    if mode == "asr":
+        texts = [None] * len(clips)
+    return recognizer.transcripts(clips, texts, transcribe=mode != "gold")
 
 
 def _answer_rows(recognizer, results: list[RowResult], clips, texts, batch_size: int, label_set) -> None:
@@ -100,7 +135,7 @@ def _answer_rows(recognizer, results: list[RowResult], clips, texts, batch_size:
     for start in range(0, len(order), batch_size):
         part = order[start : start + batch_size]
         answers = recognizer.chat_batch([clips[j] for j in part], [question] * len(part),
-                                        [texts[j] for j in part] if texts else None, max_new_tokens=16)
+                                        [texts[j] for j in part], max_new_tokens=16)
         for j, answer in zip(part, answers):
             results[j].answer, results[j].label = answer, map_answer(answer, label_set)
 

@@ -268,7 +268,8 @@ def train_loader(cfg: RunConfig, scan: ScanResult, processor, label2id, prompt: 
     if cfg.data.class_balanced:
         sampler = ClassBalancedSampler([u.label for u in scan.ok], seed=cfg.seed)
         return DataLoader(dataset, batch_size=cfg.trainer.batch_size, sampler=sampler, drop_last=True, **common), sampler
-    sampler = LengthGroupedBatchSampler(scan.durations, cfg.trainer.batch_size, shuffle=True, seed=cfg.seed)
+    sampler = LengthGroupedBatchSampler(scan.durations, cfg.trainer.batch_size, shuffle=True, seed=cfg.seed,
+                                        group_by_length=cfg.data.group_by_length)
     return DataLoader(dataset, batch_sampler=sampler, **common), sampler
 
 

@@ -1,4 +1,5 @@
-"""Multi-turn chat: earlier turns stay in the prompt, the clip is injected once, `emoq chat` keeps the history."""
+"""Multi-turn chat: earlier turns stay in the prompt, the clip is injected once, `emoq chat` keeps the history
+and reads each clip's transcript (given, or transcribed once) and says which."""
 
 import io
 
@@ -97,3 +98,53 @@ def test_a_crash_inside_streaming_generate_is_raised_not_hung(tiny, clips, monke
     monkeypatch.setattr(model, "generate", boom)
     with pytest.raises(RuntimeError, match="generate failed"):
         list(rec.chat((clips[0], 16000), "how?", stream=True))
+
+
+class CountingTranscriber:
+    """Stands in for Whisper: "heard N samples" for a clip of N samples, and a record of every call."""
+
+    def __init__(self):
+        self.calls: list[list[int]] = []
+
+    def transcribe(self, clips):
+        self.calls.append([len(c) for c in clips])
+        return [f"heard {len(c)} samples" for c in clips]
+
+
+def test_chat_reads_the_asr_transcript_once_per_clip_and_says_so(saved, monkeypatch, capsys):
+    from emoq.asr import Transcriber
+    from emoq.inference import Transcript
+
+    model_dir, a, b = saved
+    asr = CountingTranscriber()
+    monkeypatch.setattr(Transcriber, "from_pretrained", staticmethod(lambda ref, device=None, **kw: asr))
+    texts = []
+    original = EmotionRecognizer.chat
+
+    def spy(self, audio, question, **kwargs):
+        texts.append(kwargs["text"])
+        return original(self, audio, question, **kwargs)
+
+    monkeypatch.setattr(EmotionRecognizer, "chat", spy)
+    assert cli(["chat", "--model", str(model_dir), "--audio", str(a), "--asr", "stub", "--max-new-tokens", "2",
+                "how?"]) == 0
+    assert "transcript (asr): heard 16000 samples" in capsys.readouterr().err
+    assert asr.calls == [[16000]] and texts == [Transcript("heard 16000 samples", "asr")]
+
+    assert cli(["chat", "--model", str(model_dir), "--audio", str(a), "--asr", "stub", "--text", "hello there",
+                "--max-new-tokens", "2", "how?"]) == 0
+    assert "transcript (gold): hello there" in capsys.readouterr().err
+    assert len(asr.calls) == 1 and texts[-1] == Transcript("hello there", "gold")
+
+    # a session: --text belongs to the --audio clip; a clip switched to is transcribed, once for all its questions
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"first?\n/audio {b}\nsecond?\nthird?\n/quit\n"))
+    assert cli(["chat", "--model", str(model_dir), "--audio", str(a), "--asr", "stub", "--text", "hello there",
+                "--max-new-tokens", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "transcript (gold): hello there" in err and "transcript (asr): heard 24000 samples" in err
+    assert asr.calls == [[16000], [24000]]
+    assert texts[-3:] == [Transcript("hello there", "gold")] + [Transcript("heard 24000 samples", "asr")] * 2
+
+    # no ASR model (no run config, no --asr): the model reads none, and says so
+    assert cli(["chat", "--model", str(model_dir), "--audio", str(a), "--max-new-tokens", "2", "how?"]) == 0
+    assert "transcript: none" in capsys.readouterr().err and len(asr.calls) == 2

@@ -1,4 +1,5 @@
-"""`emoq predict` (every input reported, same answers as classify) and `emoq export` (reloads, merges LoRA)."""
+"""`emoq predict` (every input reported, same answers as classify, the transcript read and its source) and
+`emoq export` (reloads, merges LoRA)."""
 
 import json
 
@@ -57,7 +58,10 @@ def test_predict_reports_every_input_in_order(lora_model, wavs, tmp_path):
     assert [r["input"] for r in rows] == inputs
     assert [r["status"] for r in rows] == ["ok", "error", "ok", "error", "ok"]
     for r in rows:
-        assert set(r) == {"input", "label", "scores", "status", "error"}
+        assert set(r) == {"input", "label", "scores", "transcript", "transcript_source", "status", "error"}
+    # no text and no ASR model (no run config): the model read none; error rows read nothing
+    assert [r["transcript_source"] for r in rows] == ["none", None, "none", None, "none"]
+    assert {r["transcript"] for r in rows} == {None}
     assert "corrupt.wav" in rows[1]["error"] and "not a decodable audio file" in rows[1]["error"]
     assert "missing.wav" in rows[3]["error"] and "file not found" in rows[3]["error"]
     assert rows[1]["label"] is None and rows[1]["scores"] is None
@@ -87,11 +91,68 @@ def test_predict_manifest_and_nothing_predictable(lora_model, wavs, tmp_path):
     assert "gone.wav" in got[1]["error"] and got[2]["error"] == "c.mp4: conversion failed"
     expected = EmotionRecognizer.from_pretrained(lora_model, device="cpu").classify(str(wavs[0]), text="the weather report")
     assert got[0]["label"] == expected["label"]
+    assert (got[0]["transcript"], got[0]["transcript_source"]) == ("the weather report", "gold")
 
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"%PDF-1.4 not audio")
     assert cli(["predict", "--model", str(lora_model), "--out", str(tmp_path / "none.jsonl"), str(bad)]) == 1
     assert read_jsonl(tmp_path / "none.jsonl")[0]["status"] == "error"
+
+
+class CountingTranscriber:
+    """Stands in for Whisper: "heard N samples" for a clip of N samples, and a record of every call."""
+
+    def __init__(self):
+        self.calls: list[list[int]] = []
+
+    def transcribe(self, clips):
+        self.calls.append([len(c) for c in clips])
+        return [f"heard {len(c)} samples" for c in clips]
+
+
+@pytest.fixture
+def stub_asr(monkeypatch):
+    """Every ASR model the recognizer loads is a CountingTranscriber; the list holds (ref, transcriber)."""
+    from emoq.asr import Transcriber
+
+    loaded = []
+
+    def load(ref, device=None, **kwargs):
+        loaded.append((ref, CountingTranscriber()))
+        return loaded[-1][1]
+
+    monkeypatch.setattr(Transcriber, "from_pretrained", staticmethod(load))
+    return loaded
+
+
+def test_predict_transcribes_the_inputs_without_text_with_the_run_configs_asr(lora_model, wavs, tmp_path,
+                                                                              stub_asr):
+    import shutil
+
+    import yaml
+
+    model = tmp_path / "model"
+    shutil.copytree(lora_model, model)
+    (model / "weights" / "run_config.yaml").write_text(yaml.safe_dump({"model": {"asr": "run/whisper"}}))
+    texts = tmp_path / "texts.txt"
+    texts.write_text("what a day\n\n\n")  # the first input has a transcript, the others none
+    out = tmp_path / "p.jsonl"
+    assert cli(["predict", "--model", str(model), "--out", str(out), "--text-file", str(texts), *map(str, wavs)]) == 0
+    rows = read_jsonl(out)
+    assert [(r["transcript"], r["transcript_source"]) for r in rows] == [
+        ("what a day", "gold"), ("heard 20800 samples", "asr"), ("heard 14400 samples", "asr")]
+    (ref, asr), = stub_asr
+    assert ref == "run/whisper" and asr.calls == [[20800, 14400]]  # one call, only the inputs without text
+    rec = EmotionRecognizer.from_pretrained(lora_model, device="cpu")
+    expected = rec.classify_batch([str(w) for w in wavs], [r["transcript"] for r in rows])
+    assert [r["label"] for r in rows] == [e["label"] for e in expected]
+    for r, e in zip(rows, expected):
+        np.testing.assert_allclose(list(r["scores"].values()), list(e["scores"].values()), rtol=1e-5, atol=1e-6)
+
+    assert cli(["predict", "--model", str(model), "--out", str(out), "--asr", "none", str(wavs[0])]) == 0
+    assert read_jsonl(out)[0]["transcript_source"] == "none" and len(stub_asr) == 1
+    assert cli(["predict", "--model", str(model), "--out", str(out), "--asr", "flag/whisper", str(wavs[0])]) == 0
+    assert read_jsonl(out)[0]["transcript_source"] == "asr" and stub_asr[-1][0] == "flag/whisper"
 
 
 def _safetensors_keys(folder):

@@ -326,6 +326,22 @@ def test_length_grouped_batch_sampler():
     assert ordered == list(LengthGroupedBatchSampler(lengths, 4, shuffle=False, seed=9))
 
 
+def test_batches_without_length_grouping_mix_lengths_and_reshuffle_every_epoch():
+    """Clip length following the class (sorted lengths = sorted classes): grouped batches are one-class,
+    ungrouped batches mix classes, and a new epoch deals new batches."""
+    from emoq.data.sampling import LengthGroupedBatchSampler
+
+    lengths = [float(i // 10) for i in range(40)]  # 4 classes of 10 clips, each class its own length
+    classes_per_batch = lambda s: [len({lengths[i] for i in b}) for b in s]  # noqa: E731
+    grouped = LengthGroupedBatchSampler(lengths, 5, seed=0)
+    assert set(classes_per_batch(grouped)) == {1}
+    mixed = LengthGroupedBatchSampler(lengths, 5, seed=0, group_by_length=False)
+    assert sum(classes_per_batch(mixed)) / len(mixed) > 2.5
+    first = list(mixed)
+    mixed.set_epoch(1)
+    assert list(mixed) != first and sorted(i for b in mixed for i in b) == list(range(40))
+
+
 def test_length_grouped_batch_sampler_distributed():
     from emoq.data.sampling import LengthGroupedBatchSampler
 

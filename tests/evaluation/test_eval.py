@@ -1,8 +1,10 @@
 """`emoq eval`: every row reported, metrics that agree with scikit-learn, batch-size invariance,
-free-text answers mapped through aliases (unmappable ones counted), and sharding over processes."""
+free-text answers mapped through aliases (unmappable ones counted), sharding over processes, and the
+transcripts used (gold, asr, none) stamped into the protocol and every row."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 from sklearn.metrics import (
     accuracy_score,
     confusion_matrix,
@@ -320,3 +323,110 @@ def test_eval_on_iemocap_fold_and_on_a_manifest_reports_every_row(tmp_path):
     rows, metrics = read_outputs(out)
     assert [r["key"] for r in rows] == ["a", "b", "gone"] and [r["status"] for r in rows] == ["ok", "ok", "error"]
     assert "gone.wav" in rows[2]["error"] and metrics["rows_ok"] == 2 and metrics["protocol"]["dataset"] == "manifest"
+
+
+# ---------------------------------------------------------------- --transcripts gold | asr | none
+
+
+class CountingTranscriber:
+    """Stands in for Whisper: "heard N samples" for a clip of N samples; counts the clips it heard."""
+
+    def __init__(self):
+        self.clips = 0
+
+    def transcribe(self, clips):
+        self.clips += len(clips)
+        return [f"heard {len(c)} samples" for c in clips]
+
+
+@pytest.fixture
+def stub_asr(monkeypatch):
+    """Every ASR model the recognizer loads is a CountingTranscriber; the list holds (ref, transcriber)."""
+    from emoq.asr import Transcriber
+
+    loaded = []
+
+    def load(ref, device=None, **kwargs):
+        loaded.append((ref, CountingTranscriber()))
+        return loaded[-1][1]
+
+    monkeypatch.setattr(Transcriber, "from_pretrained", staticmethod(load))
+    return loaded
+
+
+@pytest.mark.parametrize("choice", ["gold", "asr", "none"])
+def test_transcripts_choice_is_stamped_and_every_row_says_what_it_read(saved_model, corpus, tmp_path, stub_asr,
+                                                                       choice):
+    out = tmp_path / "eval"
+    options = ["--asr", "stub/whisper"] + ([] if choice == "gold" else ["--transcripts", choice])
+    assert cli(["eval", "--model", str(saved_model), "--dataset", "meld", "--root", str(corpus), "--out", str(out),
+                "--batch-size", "8", *options]) == 0
+    rows, metrics = read_outputs(out)
+    assert metrics["protocol"]["transcripts"] == choice
+    assert metrics["protocol"]["asr_model"] == ("stub/whisper" if choice == "asr" else None)
+    assert f"transcripts: {choice}" in (out / "report.md").read_text()
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(rows) == 18 and len(ok) == 17
+    broken, = (r for r in rows if r["status"] == "error")
+    assert broken["transcript"] is None and broken["transcript_source"] is None  # nothing was read
+    if choice == "gold":  # the corpus's own transcripts; the ASR model is never loaded
+        assert {(r["transcript"], r["transcript_source"]) for r in ok} == {("okay then", "gold")}
+        assert stub_asr == []
+    elif choice == "asr":  # the corpus's transcripts ignored: every clip transcribed, once
+        assert all(r["transcript_source"] == "asr" and re.fullmatch(r"heard \d+ samples", r["transcript"])
+                   for r in ok)
+        (ref, asr), = stub_asr
+        assert ref == "stub/whisper" and asr.clips == 17
+        lengths = {r["key"]: len(sf.read(corpus / "output_repeated_splits_test" / f"{r['key'][5:]}.wav")[0])
+                   for r in ok}
+        assert all(r["transcript"] == f"heard {lengths[r['key']]} samples" for r in ok)  # each row its own
+    else:
+        assert {(r["transcript"], r["transcript_source"]) for r in ok} == {(None, "none")} and stub_asr == []
+
+
+def test_transcripts_asr_without_an_asr_model_is_a_clear_error(saved_model, corpus, tmp_path):
+    with pytest.raises(SystemExit, match="--transcripts asr.*no ASR model.*--asr"):
+        cli(["eval", "--model", str(saved_model), "--dataset", "meld", "--root", str(corpus),
+             "--out", str(tmp_path / "eval"), "--transcripts", "asr"])  # no run config: no ASR model
+
+
+def test_a_model_without_transcripts_evaluates_with_none(tmp_path, stub_asr, capsys):
+    from support.media import write_tone
+
+    from emoq.models.tiny import build_tiny
+
+    model, processor = build_tiny(["neutral", "joy", "anger"], use_transcript=False)
+    model.save_pretrained(tmp_path / "model" / "weights")
+    processor.save_pretrained(tmp_path / "model" / "weights")
+    write_tone(tmp_path / "a.wav", 0.5)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"key": "a", "audio": "a.wav", "label": "joy", "text": "hello"}) + "\n")
+    out = tmp_path / "eval"
+    assert cli(["eval", "--model", str(tmp_path / "model"), "--manifest", str(manifest), "--out", str(out),
+                "--transcripts", "asr", "--asr", "stub/whisper"]) == 0
+    assert "trained without transcripts" in capsys.readouterr().err
+    rows, metrics = read_outputs(out)
+    assert metrics["protocol"]["transcripts"] == "none" and metrics["protocol"]["asr_model"] is None
+    assert (rows[0]["transcript"], rows[0]["transcript_source"]) == (None, "none") and stub_asr == []
+
+
+def test_head_mode_scores_with_the_emoq_former_classifier(eval_out, audio_model, corpus):
+    """`--mode head`: each row's prediction is the argmax of the classification head (what a stage-1 model
+    has), recomputed here from the model; the protocol says which scoring ran."""
+    import torch
+
+    from emoq.data.meld import read_meld
+    from emoq.inference import EmotionRecognizer
+
+    rows, metrics = read_outputs(eval_out("--mode", "head", "--batch-size", "3"))
+    assert metrics["protocol"]["mode"] == "head"
+    assert_metrics_match_sklearn(eval_out("--mode", "head", "--batch-size", "3"))
+    recognizer = EmotionRecognizer.from_pretrained(audio_model)
+    by_key = {u.key: u for u in read_meld(corpus, "test")}
+    for row in (r for r in rows if r["status"] == "ok"):
+        clip = recognizer.load(by_key[row["key"]].audio)
+        batch = recognizer._inputs(recognizer.processor([clip], transcripts=[row["transcript"]]))
+        with torch.no_grad():
+            logits = recognizer.model(input_features=batch["input_features"],
+                                      feature_attention_mask=batch["feature_attention_mask"]).emotion_logits
+        assert row["pred"] == recognizer.labels[int(logits.argmax())]

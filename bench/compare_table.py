@@ -1,0 +1,46 @@
+"""The README's comparison table, generated from `bench/compare_systems.py`'s JSON (never typed by hand).
+
+    python bench/compare_table.py demo_out/compare_systems.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+LABELS = {
+    "emoq": "EmoQ (speech + transcript, LLM label scoring)",
+    "emoq_audio_only": "EmoQ, audio only",
+    "emoq_no_supcon": "EmoQ without SupCon",
+    "emoq_cross_entropy": "EmoQ with cross-entropy instead of focal",
+    "emoq_stage1_head": "EmoQ stage 1 head only (no LLM)",
+    "qieemo": "Qieemo (audio only)",
+    "patamia": "Patamia et al. 2023 (audio + text)",
+}
+
+
+def cell(stats: dict | None, scale: float = 1.0, digits: int = 3) -> str:
+    if not stats:
+        return "–"
+    return f"{stats['mean'] * scale:.{digits}f} ± {stats['std'] * scale:.{digits}f}"
+
+
+def table(result: dict) -> str:
+    seeds = result["seeds"]
+    lines = [f"| system (seeds {', '.join(map(str, seeds))}) | weighted F1 | UA | macro F1 | training time (min) |",
+             "|---|---|---|---|---|"]
+    for name, entry in result["systems"].items():
+        if name == "references":
+            for ref, f1 in entry["weighted_f1"].items():
+                lines.append(f"| reference: logistic regression on {ref} | {f1:.3f} | – | – | – |")
+            continue
+        s = entry["summary"]
+        lines.append(f"| {LABELS.get(name, name)} | {cell(s.get('weighted_f1'))} | "
+                     f"{cell(s.get('unweighted_accuracy'))} | {cell(s.get('macro_f1'))} | "
+                     f"{cell(s.get('train_seconds'), 1 / 60, 1)} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table(json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))))
