@@ -105,3 +105,20 @@ def smollm2_dir(emoq_cache) -> Path:
 @pytest.fixture(scope="session")
 def minilm_dir(emoq_cache) -> Path:
     return _resolved("all-minilm-l6-v2", emoq_cache)
+
+
+@pytest.fixture
+def stub_asr(monkeypatch):
+    """Every ASR model a recognizer loads is a CountingTranscriber; the list holds (ref, transcriber)."""
+    from support.asr import CountingTranscriber
+
+    from emoq.asr import Transcriber
+
+    loaded = []
+
+    def load(ref, device=None, **kwargs):
+        loaded.append((ref, CountingTranscriber()))
+        return loaded[-1][1]
+
+    monkeypatch.setattr(Transcriber, "from_pretrained", staticmethod(load))
+    return loaded

@@ -4,6 +4,7 @@ missing ones transcribed by the ASR model in one call, the source reported). (`e
 import numpy as np
 import pytest
 import yaml
+from support.asr import CountingTranscriber
 
 from emoq.inference import BaselineRecognizer, EmotionRecognizer, Transcript
 
@@ -30,19 +31,6 @@ def test_chat_streams_the_same_text_as_non_streaming(saved_model):
 
 
 # ---------------------------------------------------------------- transcripts: given, transcribed, none
-
-
-class CountingTranscriber:
-    """Stands in for Whisper: "heard N samples" for a clip of N samples, and a record of every call."""
-
-    name = "stub-asr"
-
-    def __init__(self):
-        self.calls: list[list[int]] = []
-
-    def transcribe(self, clips):
-        self.calls.append([len(c) for c in clips])
-        return [f"heard {len(c)} samples" for c in clips]
 
 
 def _noise(seconds: float, seed: int = 0) -> np.ndarray:

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import uvicorn
+from support.asr import CountingTranscriber
 
 from emoq.cli import build_parser
 from emoq.cli import main as cli
@@ -185,19 +186,6 @@ def test_audio_emotion_equals_classify_batch(client, recognizer):
         assert out["scores"] == pytest.approx(want["scores"], abs=1e-6)
         # no ASR model here: the text given is read ("gold"), a request without one reads none
         assert (out["transcript"], out["transcript_source"]) == (text, "gold" if text else "none")
-
-
-class CountingTranscriber:
-    """Stands in for Whisper: "heard N samples" for a clip of N samples, and a record of every call."""
-
-    name = "stub-asr"
-
-    def __init__(self):
-        self.calls: list[list[int]] = []
-
-    def transcribe(self, clips):
-        self.calls.append([len(c) for c in clips])
-        return [f"heard {len(c)} samples" for c in clips]
 
 
 def test_a_request_without_text_is_transcribed_once_and_says_so(recognizer):

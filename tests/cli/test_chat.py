@@ -6,6 +6,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from support.asr import CountingTranscriber
 
 from emoq.audio import write_wav
 from emoq.cli import main as cli
@@ -98,17 +99,6 @@ def test_a_crash_inside_streaming_generate_is_raised_not_hung(tiny, clips, monke
     monkeypatch.setattr(model, "generate", boom)
     with pytest.raises(RuntimeError, match="generate failed"):
         list(rec.chat((clips[0], 16000), "how?", stream=True))
-
-
-class CountingTranscriber:
-    """Stands in for Whisper: "heard N samples" for a clip of N samples, and a record of every call."""
-
-    def __init__(self):
-        self.calls: list[list[int]] = []
-
-    def transcribe(self, clips):
-        self.calls.append([len(c) for c in clips])
-        return [f"heard {len(c)} samples" for c in clips]
 
 
 def test_chat_reads_the_asr_transcript_once_per_clip_and_says_so(saved, monkeypatch, capsys):

@@ -99,32 +99,6 @@ def test_predict_manifest_and_nothing_predictable(lora_model, wavs, tmp_path):
     assert read_jsonl(tmp_path / "none.jsonl")[0]["status"] == "error"
 
 
-class CountingTranscriber:
-    """Stands in for Whisper: "heard N samples" for a clip of N samples, and a record of every call."""
-
-    def __init__(self):
-        self.calls: list[list[int]] = []
-
-    def transcribe(self, clips):
-        self.calls.append([len(c) for c in clips])
-        return [f"heard {len(c)} samples" for c in clips]
-
-
-@pytest.fixture
-def stub_asr(monkeypatch):
-    """Every ASR model the recognizer loads is a CountingTranscriber; the list holds (ref, transcriber)."""
-    from emoq.asr import Transcriber
-
-    loaded = []
-
-    def load(ref, device=None, **kwargs):
-        loaded.append((ref, CountingTranscriber()))
-        return loaded[-1][1]
-
-    monkeypatch.setattr(Transcriber, "from_pretrained", staticmethod(load))
-    return loaded
-
-
 def test_predict_transcribes_the_inputs_without_text_with_the_run_configs_asr(lora_model, wavs, tmp_path,
                                                                               stub_asr):
     import shutil

@@ -328,32 +328,6 @@ def test_eval_on_iemocap_fold_and_on_a_manifest_reports_every_row(tmp_path):
 # ---------------------------------------------------------------- --transcripts gold | asr | none
 
 
-class CountingTranscriber:
-    """Stands in for Whisper: "heard N samples" for a clip of N samples; counts the clips it heard."""
-
-    def __init__(self):
-        self.clips = 0
-
-    def transcribe(self, clips):
-        self.clips += len(clips)
-        return [f"heard {len(c)} samples" for c in clips]
-
-
-@pytest.fixture
-def stub_asr(monkeypatch):
-    """Every ASR model the recognizer loads is a CountingTranscriber; the list holds (ref, transcriber)."""
-    from emoq.asr import Transcriber
-
-    loaded = []
-
-    def load(ref, device=None, **kwargs):
-        loaded.append((ref, CountingTranscriber()))
-        return loaded[-1][1]
-
-    monkeypatch.setattr(Transcriber, "from_pretrained", staticmethod(load))
-    return loaded
-
-
 @pytest.mark.parametrize("choice", ["gold", "asr", "none"])
 def test_transcripts_choice_is_stamped_and_every_row_says_what_it_read(saved_model, corpus, tmp_path, stub_asr,
                                                                        choice):
