@@ -140,29 +140,25 @@ def _stage1_model(cfg: RunConfig, init_from: str):
                                                     quantization=m.quantization, dtype=frozen_dtype(cfg))
 
 
-#: run-config keys that shape the stage-1 model, and how to read each from a saved EmoQConfig
+#: what shapes the stage-1 model: run-config key -> (its value in a run config, its value in a saved EmoQConfig)
 _STAGE1_ARCHITECTURE = {
-    **{f"model.qformer.{name}": (lambda c, name=name: getattr(c.qformer_config, name))
+    **{f"model.qformer.{name}": (lambda m, name=name: getattr(m.qformer, name),
+                                 lambda c, name=name: getattr(c.qformer_config, name))
        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                     "cross_attention_frequency", "hidden_dropout_prob")},
-    "model.num_query_tokens": lambda c: c.num_query_tokens,
-    "model.window_seconds": lambda c: c.qformer_config.window_seconds,
-    "model.encoder_layers": lambda c: list(c.encoder_layers),
-    "model.projector": lambda c: c.projector_type,
-    "model.contrastive_dim": lambda c: c.contrastive_dim,
+    "model.num_query_tokens": (lambda m: m.num_query_tokens, lambda c: c.num_query_tokens),
+    "model.window_seconds": (lambda m: m.window_seconds, lambda c: c.qformer_config.window_seconds),
+    "model.encoder_layers": (lambda m: list(m.encoder_layers), lambda c: list(c.encoder_layers)),
+    "model.projector": (lambda m: m.projector, lambda c: c.projector_type),
+    "model.contrastive_dim": (lambda m: m.contrastive_dim, lambda c: c.contrastive_dim),
 }
 
 
 def refuse_changed_architecture(cfg: RunConfig, saved, init_from: str) -> None:
     """Stage 2 continues the stage-1 model, so a config that asks for another EmoQ-Former shape than stage 1
     trained is an error, not a silent reload of the saved shape (nor a fresh, untrained one)."""
-    m = cfg.model
-    wanted = {**{f"model.qformer.{k}": v for k, v in dataclasses.asdict(m.qformer).items()},
-              "model.num_query_tokens": m.num_query_tokens, "model.window_seconds": m.window_seconds,
-              "model.encoder_layers": list(m.encoder_layers), "model.projector": m.projector,
-              "model.contrastive_dim": m.contrastive_dim}
-    changed = [f"{key} is {wanted[key]!r} here but stage 1 trained {read(saved)!r}"
-               for key, read in _STAGE1_ARCHITECTURE.items() if wanted[key] != read(saved)]
+    changed = [f"{key} is {wanted(cfg.model)!r} here but stage 1 trained {trained(saved)!r}"
+               for key, (wanted, trained) in _STAGE1_ARCHITECTURE.items() if wanted(cfg.model) != trained(saved)]
     if changed:
         raise ValueError(f"{init_from}: the config changes the stage-1 model: {'; '.join(changed)}. Stage 2 "
                          "continues stage 1: set these back, or rerun stage 1 with them")
