@@ -51,19 +51,26 @@ def emoq(*args: str) -> None:
 
 
 def run_system(name: str, seed: int, corpus: Path, runs: Path, evals: Path) -> dict:
+    """Train and score one system for one seed; a run already scored (its `result.json`) is read back,
+    so an interrupted comparison continues where it stopped."""
     recipes, config, overrides, mode, stage = SYSTEMS[name]
+    out = evals / name / f"seed{seed}"
+    done = out / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text(encoding="utf-8"))
     run_dir = runs / (name if recipes else "emoq") / f"seed{seed}"
     start = time.time()
     for recipe in recipes:
         emoq("run", recipe, "--config", config, f"data.root={corpus}", f"trainer.output_dir={run_dir}",
              f"seed={seed}", *overrides)
     seconds = time.time() - start if recipes else None
-    out = evals / name / f"seed{seed}"
     emoq("eval", "--model", str(run_dir / stage / "best"), "--dataset", "meld", "--root", str(corpus),
          "--split", "test", "--mode", mode, "--out", str(out))
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-    return {"seed": seed, "train_seconds": seconds, **{m: metrics[m] for m in METRICS},
-            "rows": f"{metrics['rows_ok']}/{metrics['rows_total']}"}
+    result = {"seed": seed, "train_seconds": seconds, **{m: metrics[m] for m in METRICS},
+              "rows": f"{metrics['rows_ok']}/{metrics['rows_total']}"}
+    done.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return result
 
 
 def summary(runs: list[dict]) -> dict:

@@ -32,6 +32,8 @@ __all__ = [
     "AudioInfo",
     "load_audio",
     "load_audio_bytes",
+    "is_stored_clip",
+    "source_fingerprint",
     "audio_duration",
     "write_wav",
     "resample",
@@ -85,10 +87,15 @@ def load_audio(
 ):
     """Decode ``path`` to a float32 mono array at ``sr`` Hz.
 
+    ``path``: a file path, or a stored clip that is not a file of its own (an object with ``read_bytes()``
+    and a ``name`` for messages, such as a row of a ``datasets`` dataset; see :func:`is_stored_clip`).
     ``max_seconds``: truncate longer audio (with a logged warning); ``None`` keeps everything.
     ``min_seconds``: shorter audio raises :class:`AudioError`. With ``return_info=True`` returns
     ``(audio, AudioInfo)``.
     """
+    if is_stored_clip(path):
+        return load_audio_bytes(path.read_bytes(), sr, max_seconds, min_seconds, name=path.name,
+                                return_info=return_info)
     name, p = _existing_file(path)
     try:
         size = p.stat().st_size
@@ -101,6 +108,20 @@ def load_audio(
     return _load(lambda: name, name, p.suffix.lower(), head, sr, max_seconds, min_seconds, return_info)
 
 
+def is_stored_clip(source) -> bool:
+    """Whether ``source`` is a clip held elsewhere than in a file of its own (it has ``read_bytes()`` and a
+    ``name``, and is not a path): :func:`load_audio` decodes its bytes."""
+    return not isinstance(source, (str, os.PathLike)) and callable(getattr(source, "read_bytes", None))
+
+
+def source_fingerprint(source) -> list:
+    """What identifies a clip's content for caches: a file's path, size and modification time, or a stored
+    clip's own ``fingerprint``."""
+    if is_stored_clip(source):
+        return [source.name, source.fingerprint]
+    return [str(source), os.path.getsize(source), os.path.getmtime(source)]
+
+
 def _existing_file(path) -> tuple[str, Path]:
     """(name for messages, Path) of an audio path that exists and is not a folder, else AudioError."""
     name = os.fspath(path)
@@ -109,6 +130,8 @@ def _existing_file(path) -> tuple[str, Path]:
         raise AudioError(name, "file not found")
     if p.is_dir():
         raise AudioError(name, "is a directory, not an audio file")
+    if not p.is_file():  # opening a FIFO blocks until a writer comes; a device never ends
+        raise AudioError(name, "not a regular file (a FIFO, device or socket cannot be read as audio)")
     return name, p
 
 

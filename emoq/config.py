@@ -93,9 +93,46 @@ class ModelConfig:
 
 
 @dataclass
+class SplitNames:
+    """The dataset's own names of the splits each stage reads (dataset: hf): many Hub datasets call dev
+    `validation`."""
+
+    train: str = "train"
+    dev: str = "validation"
+    test: str = "test"
+
+
+@dataclass
+class ColumnMap:
+    """Which dataset columns hold what (dataset: hf); null = the dataset has no such column. Rows of a dataset
+    without the `key` column are named SPLIT/ROW."""
+
+    audio: str = "audio"
+    label: str | None = "label"
+    text: str | None = "text"
+    speaker: str | None = None
+    dialogue_id: str | None = None
+    key: str | None = "key"
+
+
+@dataclass
 class DataConfig:
-    dataset: str = "meld"  # meld | iemocap | manifest
+    dataset: str = "meld"  # meld | iemocap | manifest | hf
     root: str | None = None
+    # dataset: hf — `path` is a Hub id, a `save_to_disk` folder, an audiofolder-style folder (SPLIT/metadata.csv
+    # or .jsonl with a file_name column) or a data-files pattern where {split} stands for the split name;
+    # `name` the Hub configuration, `revision` a Hub commit/tag (pin it for reproducible runs)
+    path: str | None = None
+    name: str | None = None
+    revision: str | None = None
+    splits: SplitNames = field(default_factory=SplitNames)
+    columns: ColumnMap = field(default_factory=ColumnMap)
+    # the dataset's label (name, or ClassLabel name) -> a label of `label_set`, where their names differ
+    label_map: dict[str, str] = field(default_factory=dict)
+    # dataset: hf — read the training split as a stream (corpora larger than memory or disk): sharded by rank
+    # and dataloader worker, length-grouped within a buffer of `stream_buffer` clips; needs trainer.max_steps
+    streaming: bool = False
+    stream_buffer: int = 256
     train_manifest: str | None = None
     eval_manifest: str | None = None
     test_manifest: str | None = None
@@ -211,6 +248,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: '{key}' is a section and expects a mapping, got {value!r}")
         return _build(tp, value, source, prefix=f"{key}.")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' expects a mapping, got {value!r}")
+        _, value_tp = typing.get_args(tp)
+        # YAML reads `0: neutral` with an int key; a label id is named by its text
+        return {str(k): _coerce(v, value_tp, f"{key}.{k}", source) for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{source}: '{key}' expects a list, got {value!r}")
@@ -366,7 +409,7 @@ _CHOICES = {
     "model.system": ("emoq", "qieemo", "patamia"),
     "model.quantization": ("none", "4bit", "8bit"),
     "model.projector": ("linear", "mlp"),
-    "data.dataset": ("meld", "iemocap", "manifest"),
+    "data.dataset": ("meld", "iemocap", "manifest", "hf"),
     "trainer.mixed_precision": ("no", "bf16", "fp16"),
 }
 
@@ -392,6 +435,14 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
         raise ConfigError(f"{source}: 'model.window_seconds' must be positive or null")
     if not 0.0 <= cfg.data.dev_fraction < 1.0:
         raise ConfigError(f"{source}: 'data.dev_fraction' must be in [0, 1), got {cfg.data.dev_fraction}")
+    if cfg.data.dataset == "hf" and not cfg.data.path:
+        raise ConfigError(f"{source}: data.dataset hf needs 'data.path' (a Hub id, a save_to_disk folder, an "
+                          "audiofolder-style folder or data files)")
+    if cfg.data.streaming and (cfg.data.dataset != "hf" or cfg.trainer.max_steps < 1):
+        raise ConfigError(f"{source}: 'data.streaming' reads a dataset hf and needs 'trainer.max_steps' (a stream "
+                          "has no length to count epochs by)")
+    if cfg.data.stream_buffer < 1:
+        raise ConfigError(f"{source}: 'data.stream_buffer' must be >= 1")
     if cfg.trainer.batch_size < 1 or cfg.trainer.gradient_accumulation_steps < 1:
         raise ConfigError(f"{source}: 'trainer.batch_size' and 'trainer.gradient_accumulation_steps' must be >= 1")
 

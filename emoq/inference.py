@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .audio import SAMPLE_RATE, load_audio, load_audio_bytes, resample
+from .audio import SAMPLE_RATE, is_stored_clip, load_audio, load_audio_bytes, resample
 
 AudioInput = str | Path | bytes | np.ndarray | tuple
 BASELINE_MODEL_TYPES = ("qieemo", "patamia")
@@ -174,7 +174,7 @@ class EmotionRecognizer:
         """A path, encoded bytes (wav/mp3/mp4...), an array with `sample_rate`, or (array, sample_rate)."""
         if isinstance(audio, tuple):
             audio, sample_rate = audio
-        if isinstance(audio, str | Path):
+        if isinstance(audio, str | Path) or is_stored_clip(audio):
             return load_audio(audio, max_seconds=self.max_seconds)
         if isinstance(audio, bytes | bytearray):
             return load_audio_bytes(bytes(audio), max_seconds=self.max_seconds)

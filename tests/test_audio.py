@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 
 import numpy as np
@@ -113,6 +114,32 @@ def test_bad_files_raise_audio_error_naming_the_file(tmp_path):
         assert str(pickle.loads(pickle.dumps(err.value))) == message
     with pytest.raises(AudioError, match="is a directory"):
         load_audio(tmp_path)
+
+
+def test_a_fifo_is_refused_instead_of_blocking_forever(tmp_path):
+    """Opening a FIFO for reading blocks until a writer appears: a FIFO given as a clip hung `emoq predict`."""
+    import threading
+
+    fifo = tmp_path / "clip.wav"
+    os.mkfifo(fifo)
+    outcome = {}
+
+    def load():
+        try:
+            load_audio(fifo)
+        except AudioError as err:
+            outcome["error"] = str(err)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    if worker.is_alive():  # unblock the reader so the test process can end
+        with open(fifo, "wb"):
+            pass
+        pytest.fail("load_audio blocked on a FIFO")
+    assert outcome["error"] == f"{fifo}: not a regular file (a FIFO, device or socket cannot be read as audio)"
+    with pytest.raises(AudioError, match="not a regular file"):
+        audio_duration(fifo)
 
 
 def test_bytes_errors_use_the_given_name():

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from ..data.splits import DATASETS
 from ..evaluation.runner import MODES, TRANSCRIPT_MODES
+from .options import add_hf_arguments, hf_source, positive_int
 
 
 def run_eval(args) -> int:
@@ -43,6 +44,16 @@ def run_eval(args) -> int:
     from ..labels import get_label_set
 
     dataset = "manifest" if args.manifest else args.dataset
+    hf = hf_source(args, "eval") if dataset == "hf" else None
+    if dataset in ("meld", "iemocap") and not args.root:
+        raise SystemExit(f"emoq eval: --dataset {dataset} needs --root (the corpus folder)")
+    run_config = weights_folder(args.model) / "run_config.yaml"
+    trained_with = yaml.safe_load(run_config.read_text(encoding="utf-8")) if run_config.is_file() else {}
+    # IEMOCAP's dev part is carved out of the training sessions: the same fraction as in training
+    dev_fraction = (trained_with.get("data") or {}).get("dev_fraction", 0.1)
+    # the data is read before the model loads: a wrong folder or split fails in a second, not after loading
+    rows = read_split(dataset, args.split, root=args.root, manifest=args.manifest, label_set=args.label_set,
+                      fold=args.fold, dev_fraction=dev_fraction, hf=hf)
     state = distributed_state(args.device)
     is_main = state is None or state.is_main_process
     asr = {"asr": args.asr} if args.asr is not None else {}
@@ -60,18 +71,13 @@ def run_eval(args) -> int:
                  "model.asr: null, or it has no run_config.yaml); name one with --asr, e.g. "
                  "--asr builtin:whisper-tiny.en")
     labels = recognizer.labels  # the trained order (id2label in the saved config), never re-derived
-    run_config = weights_folder(args.model) / "run_config.yaml"
-    trained_with = yaml.safe_load(run_config.read_text(encoding="utf-8")) if run_config.is_file() else {}
-    # IEMOCAP's dev part is carved out of the training sessions: the same fraction as in training
-    dev_fraction = (trained_with.get("data") or {}).get("dev_fraction", 0.1)
-    rows = read_split(dataset, args.split, root=args.root, manifest=args.manifest, label_set=args.label_set,
-                      fold=args.fold, dev_fraction=dev_fraction)
     label_set = get_label_set(args.label_set or DEFAULT_LABEL_SETS.get(dataset, "meld7"))
     results = score_rows_sharded(recognizer, [Row.from_utterance(u) for u in rows], state, mode=args.mode,
                                  batch_size=args.batch_size, label_set=label_set, transcripts=transcripts)
     records = [eval_record(r) for r in results]
     metrics = summarise(records, labels, protocol(
-        source=split_source(dataset, args.split, manifest=args.manifest, fold=args.fold), labels=labels,
+        source=split_source(dataset, args.split, manifest=args.manifest, fold=args.fold, path=args.path),
+        labels=labels,
         mode=args.mode, model=str(args.model), num_processes=state.num_processes if state is not None else 1,
         run_config=run_config if run_config.is_file() else None, seed=trained_with.get("seed"),
         transcripts=transcripts, asr_model=recognizer.asr,
@@ -92,19 +98,20 @@ def run_eval(args) -> int:
 
 def add_parser(subparsers):
     p = subparsers.add_parser(
-        "eval", help="evaluate a model on MELD / IEMOCAP / a manifest (every row reported)",
+        "eval", help="evaluate a model on MELD / IEMOCAP / a `datasets` dataset / a manifest (every row reported)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", required=True, help="trained model folder (stage-2 'final' or its weights/)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", choices=[d for d in DATASETS if d != "manifest"])
     src.add_argument("--manifest", help="JSONL manifest (e.g. written by emoq prepare)")
-    p.add_argument("--root", help="corpus root (with --dataset)")
-    p.add_argument("--split", default="test", help="split: train, dev or test (default test; IEMOCAP test = --fold)")
+    p.add_argument("--root", help="corpus root (with --dataset meld / iemocap)")
+    p.add_argument("--split", default="test", help="split: train, dev or test (default test; IEMOCAP test = --fold; "
+                   "hf: the dataset's own split name)")
     p.add_argument("--fold", type=int, default=5, help="IEMOCAP held-out session (default 5)")
     p.add_argument("--label-set", default=None, help="label set of the data (default: the dataset's)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--mode", choices=MODES, default="score",
                    help="score: label scoring under the LLM (default); head: the classification head (an EmoQ "
                    "stage-1 model, or to compare with the LLM's scores); generate: free answers mapped to labels")
@@ -115,5 +122,6 @@ def add_parser(subparsers):
                    help="ASR model for --transcripts asr (builtin:*, hub id or folder; default: the run "
                    "config's model.asr; none: no ASR)")
     p.add_argument("--device", default=None)
+    add_hf_arguments(p)
     p.set_defaults(func=run_eval)
     return p

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from . import catalog
@@ -59,7 +60,25 @@ def main(argv: list[str] | None = None) -> int:
                                                                          for a in unknown):
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.overrides = [*args.overrides, *unknown]
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except user_errors() as err:
+        if os.environ.get("EMOQ_DEBUG"):
+            raise
+        print(f"emoq {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """What bad input raises — a missing or foreign model folder, an unreadable corpus or config, an unknown
+    label — shown as one line naming the problem rather than a traceback (EMOQ_DEBUG=1 shows the traceback)."""
+    from ..audio import AudioError
+    from ..config import ConfigError
+    from ..data.records import DatasetError
+    from ..labels import UnknownLabelError, UnknownLabelSetError
+
+    return (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, AudioError, ConfigError,
+            DatasetError, UnknownLabelError, UnknownLabelSetError)
 
 
 if __name__ == "__main__":

@@ -234,8 +234,16 @@ def load_split(cfg: RunConfig, split: str):
     manifest = {"train": d.train_manifest, "dev": d.eval_manifest, "test": d.test_manifest}[split]
     if d.dataset == "manifest" and not manifest:
         raise ValueError(f"data.{ {'dev': 'eval'}.get(split, split)}_manifest is required for dataset=manifest")
+    if d.dataset == "hf":
+        return read_split("hf", getattr(d.splits, split), label_set=d.label_set, hf=hf_source(cfg))
     return read_split(d.dataset, split, root=d.root, manifest=manifest, label_set=d.label_set, fold=d.fold,
                       dev_fraction=d.dev_fraction)
+
+
+def hf_source(cfg: RunConfig) -> dict:
+    """Where a `datasets` corpus is and how its columns and labels read (data.dataset: hf)."""
+    d = cfg.data
+    return {"path": d.path, "name": d.name, "revision": d.revision, "columns": d.columns, "label_map": d.label_map}
 
 
 def scanned_split(cfg: RunConfig, split: str, accelerator=None) -> ScanResult:

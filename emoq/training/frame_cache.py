@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..audio import source_fingerprint
 from ..data.collate import EmoQCollator, UtteranceDataset
 from ..files import atomic_path
 
@@ -75,7 +76,7 @@ def cache_encoder_frames(model, processor, scan, cfg, accelerator) -> EncoderFra
         "encoder": cfg.model.encoder, "seed": cfg.seed if cfg.model.tiny_random else None,
         "config": encoder.config.to_json_string(), "dtype": str(next(encoder.parameters()).dtype),
         "layers": cfg.model.encoder_layers, "max_seconds": cfg.data.max_seconds, "shards": world,
-        "clips": [(u.key, str(u.audio), os.path.getsize(u.audio), os.path.getmtime(u.audio)) for u in clips],
+        "clips": [(u.key, *source_fingerprint(u.audio)) for u in clips],
     }, sort_keys=True)
     files = shard_files(folder, world)
     if _stored_fingerprint(files[rank]) != fingerprint:
