@@ -441,6 +441,10 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
     if cfg.data.streaming and (cfg.data.dataset != "hf" or cfg.trainer.max_steps < 1):
         raise ConfigError(f"{source}: 'data.streaming' reads a dataset hf and needs 'trainer.max_steps' (a stream "
                           "has no length to count epochs by)")
+    if cfg.data.streaming and (cfg.data.num_workers or cfg.stage1.cache_encoder_features):
+        raise ConfigError(f"{source}: 'data.streaming' reads the stream in the main process (its position is saved "
+                          "for an exact resume) and never caches it: set 'data.num_workers: 0' and "
+                          "'stage1.cache_encoder_features: false'")
     if cfg.data.stream_buffer < 1:
         raise ConfigError(f"{source}: 'data.stream_buffer' must be >= 1")
     if cfg.trainer.batch_size < 1 or cfg.trainer.gradient_accumulation_steps < 1:

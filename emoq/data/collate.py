@@ -69,18 +69,21 @@ class UtteranceDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         u = self.utts[i]
-        item = {
-            "key": u.key,
-            "label": u.label,
-            "label_id": self.label2id[u.label] if u.label is not None else -100,
-            "text": u.text if self.use_transcript else None,
-            "rationale": u.extra.get("rationale"),  # a free manifest field; trained on when data.rationale
-        }
         if self.frame_cache is not None and u.key in self.frame_cache:
-            item["frames"] = self.frame_cache[u.key]
-        else:
-            item["audio"] = load_audio(u.audio, max_seconds=self.max_seconds)
-        return item
+            return {**utterance_item(u, self.label2id, self.use_transcript), "frames": self.frame_cache[u.key]}
+        audio = load_audio(u.audio, max_seconds=self.max_seconds)
+        return {**utterance_item(u, self.label2id, self.use_transcript), "audio": audio}
+
+
+def utterance_item(u: Utterance, label2id: dict[str, int], use_transcript: bool) -> dict:
+    """What a batch needs of an utterance besides its audio (the collator's item, less `audio` / `frames`)."""
+    return {
+        "key": u.key,
+        "label": u.label,
+        "label_id": label2id[u.label] if u.label is not None else -100,
+        "text": u.text if use_transcript else None,
+        "rationale": u.extra.get("rationale"),  # a free manifest field; trained on when data.rationale
+    }
 
 
 class EmoQCollator:

@@ -277,6 +277,23 @@ def train_loader(cfg: RunConfig, scan: ScanResult, processor, label2id, prompt: 
     return DataLoader(dataset, batch_sampler=sampler, **common), sampler
 
 
+def stream_loader(cfg: RunConfig, processor, label2id, prompt: bool, accelerator):
+    """Training batches from a streamed `datasets` split (data.streaming), this rank's part of it; returns the
+    loader and the stream (its position goes into checkpoints)."""
+    from ..data.streaming import StreamingUtterances
+
+    d = cfg.data
+    stream = StreamingUtterances(
+        d.path, d.splits.train, name=d.name, revision=d.revision, columns=d.columns, label_set=d.label_set,
+        label_map=d.label_map, label2id=label2id, batch_size=cfg.trainer.batch_size, buffer_size=d.stream_buffer,
+        seed=cfg.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
+        max_seconds=d.max_seconds, use_transcript=d.use_transcript)
+    collate = EmoQCollator(processor, with_prompt=prompt, with_answers=prompt)
+    # its own generator: creating the loader's iterator must not draw from the RNG dropout uses (see train_loader)
+    return DataLoader(stream, batch_size=cfg.trainer.batch_size, collate_fn=collate,
+                      generator=torch.Generator().manual_seed(cfg.seed)), stream
+
+
 def eval_loader(cfg: RunConfig, scan: ScanResult, processor, label2id, prompt: bool):
     dataset = UtteranceDataset(scan.ok, label2id, cfg.data.max_seconds, cfg.data.use_transcript)
     collate = EmoQCollator(processor, with_prompt=prompt)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, gather_object, send_to_device
 
 from .checkpoint import latest_checkpoint, prune_checkpoints, read_trainer_state, save_checkpoint
 
@@ -79,13 +79,21 @@ def fit(
     """
     output_dir = Path(output_dir)
     accum = accelerator.gradient_accumulation_steps
-    total, steps_per_epoch = total_training_steps(len(train_loader), accum, epochs, max_steps)
+    # a streamed split (data.streaming) repeats without end and has no length: max_steps counts the run, and
+    # its position, not a batch count, says where to resume
+    stream = train_loader.dataset if isinstance(train_loader.dataset, torch.utils.data.IterableDataset) else None
+    if stream is not None:
+        total = steps_per_epoch = max_steps
+    else:
+        total, steps_per_epoch = total_training_steps(len(train_loader), accum, epochs, max_steps)
     result = FitResult(step=0)
     ckpt = latest_checkpoint(output_dir) if resume else None
     if ckpt is not None:
         accelerator.load_state(str(ckpt / "state"))
         state = read_trainer_state(ckpt)
         result = FitResult(**{k: state[k] for k in FitResult.__dataclass_fields__ if k in state})
+        if stream is not None:
+            stream.load_state_dict(state["stream_positions"][accelerator.process_index])
         accelerator.print(f"resumed from {ckpt} at step {result.step}")
     save_every = save_every or steps_per_epoch
     eval_every = eval_every or steps_per_epoch
@@ -94,6 +102,8 @@ def fit(
         state = {**result.__dict__, "total_steps": total, "steps_per_epoch": steps_per_epoch,
                  "num_processes": accelerator.num_processes,
                  "parameter_dtypes": parameter_dtypes(accelerator.unwrap_model(model))}
+        if stream is not None:  # every rank's position (a collective: every rank gets here)
+            state["stream_positions"] = gather_object([stream.state_dict()])
         save_checkpoint(accelerator, model, processor, output_dir / name, state, run_config, with_state=with_state)
 
     def maybe_eval():
@@ -115,7 +125,12 @@ def fit(
     while result.step < total:
         epoch, done_in_epoch = divmod(result.step, steps_per_epoch)
         sampler.set_epoch(epoch) if hasattr(sampler, "set_epoch") else None
-        loader = accelerator.skip_first_batches(train_loader, done_in_epoch * accum) if done_in_epoch else train_loader
+        if stream is not None:
+            loader = (send_to_device(batch, accelerator.device) for batch in train_loader)
+        elif done_in_epoch:
+            loader = accelerator.skip_first_batches(train_loader, done_in_epoch * accum)
+        else:
+            loader = train_loader
         window: list[float] = []
         window_finite = True
         step_at_epoch_start = result.step

@@ -21,7 +21,14 @@ import torch
 from ..config import RunConfig, StageConfig, load_config, save_config
 from ..data.collate import ScanResult
 from ..evaluation.metrics import compute_metrics
-from .builders import build_optimizer, eval_loader, print_parameter_table, scanned_split, train_loader
+from .builders import (
+    build_optimizer,
+    eval_loader,
+    print_parameter_table,
+    scanned_split,
+    stream_loader,
+    train_loader,
+)
 from .loop import FitResult, fit, model_inputs, total_training_steps
 from .runtime import build_accelerator, loading_pretrained_weights, seed_everything
 
@@ -111,16 +118,23 @@ class Recipe:
         if accelerator.is_main_process:
             print_parameter_table(model)
         labels = list(model.config.id2label.values())
-        train_scan = built.train_scan or scanned_split(cfg, "train", accelerator)
         dev_scan = scanned_split(cfg, "dev", accelerator)
-        loader, sampler = train_loader(cfg, train_scan, processor, model.config.label2id, self.prompt,
-                                       frame_cache=built.frame_cache)
-        steps, _ = total_training_steps(len(loader), cfg.trainer.gradient_accumulation_steps, stage.epochs,
-                                        cfg.trainer.max_steps)
+        if cfg.data.streaming:  # each rank reads its own part of the stream: the loader is not sharded again
+            loader, sampler = stream_loader(cfg, processor, model.config.label2id, self.prompt, accelerator)
+            steps = cfg.trainer.max_steps
+        else:
+            train_scan = built.train_scan or scanned_split(cfg, "train", accelerator)
+            loader, sampler = train_loader(cfg, train_scan, processor, model.config.label2id, self.prompt,
+                                           frame_cache=built.frame_cache)
+            steps, _ = total_training_steps(len(loader), cfg.trainer.gradient_accumulation_steps, stage.epochs,
+                                            cfg.trainer.max_steps)
         optimizer, scheduler = build_optimizer(model, stage, cfg.trainer.weight_decay, steps,
                                                cfg.trainer.warmup_ratio)
         dev = eval_loader(cfg, dev_scan, processor, model.config.label2id, self.prompt)
-        model, optimizer, loader, scheduler, dev = accelerator.prepare(model, optimizer, loader, scheduler, dev)
+        if cfg.data.streaming:
+            model, optimizer, scheduler, dev = accelerator.prepare(model, optimizer, scheduler, dev)
+        else:
+            model, optimizer, loader, scheduler, dev = accelerator.prepare(model, optimizer, loader, scheduler, dev)
         accelerator.init_trackers(self.name)
         if accelerator.is_main_process:
             Path(stage.output_dir).mkdir(parents=True, exist_ok=True)
