@@ -104,14 +104,15 @@ class SplitNames:
 
 @dataclass
 class ColumnMap:
-    """Which dataset columns hold what (dataset: hf); null = the dataset has no such column. Rows of a dataset
-    without the `key` column are named SPLIT/ROW."""
+    """Which dataset columns hold what (dataset: hf); null = the dataset has no such column. `audio`, `label` and
+    `text` must exist when named; `speaker`, `dialogue_id` and `key` are read where the dataset has them (rows of
+    a dataset without the key column are named SPLIT/ROW)."""
 
     audio: str = "audio"
     label: str | None = "label"
     text: str | None = "text"
-    speaker: str | None = None
-    dialogue_id: str | None = None
+    speaker: str | None = "speaker"
+    dialogue_id: str | None = "dialogue_id"
     key: str | None = "key"
 
 

@@ -1,7 +1,8 @@
 """`emoq demo`: the whole job on the embedded default, offline, on CPU.
 
 demo corpus (espeak-ng, MELD layout) -> stage 1 -> stage 2 -> `emoq eval` on the demo test split
--> `emoq chat` about one test clip. Every step is the real command a user would run.
+-> `emoq chat` about one test clip. Every step is the real command a user would run. `--format hf` trains and
+evaluates from the same corpus written as a `datasets` folder (the `data.dataset: hf` path).
 """
 
 from __future__ import annotations
@@ -18,12 +19,21 @@ def run_demo(args) -> int:
     t0 = time.time()
     corpus = build_demo_corpus(out / "corpus", seed=args.seed)
     print(f"[demo] corpus: {corpus} ({time.time() - t0:.0f} s)", flush=True)
+    if args.format == "hf":
+        from ..data.hf import meld_to_hf
+
+        data = meld_to_hf(corpus, out / "corpus_hf")
+        print(f"[demo] the corpus as a `datasets` folder (train / validation / test): {data}", flush=True)
+        source = ["data.dataset=hf", f"data.path={data}"]
+        eval_source = ["--dataset", "hf", "--path", str(data)]
+    else:
+        source = [f"data.root={corpus}"]
+        eval_source = ["--dataset", "meld", "--root", str(corpus)]
     if args.only_data:
         return 0
     from ..config import load_config
 
-    overrides = [f"data.root={corpus}", f"trainer.output_dir={out / 'runs' / 'demo_cpu'}", f"seed={args.seed}",
-                 *args.overrides]
+    overrides = [*source, f"trainer.output_dir={out / 'runs' / 'demo_cpu'}", f"seed={args.seed}", *args.overrides]
     cfg = load_config(find_shipped("emoq/demo_cpu"), overrides)
     for name in ("stage1_qformer", "stage2_llm"):
         t = time.time()
@@ -35,8 +45,7 @@ def run_demo(args) -> int:
     from .parser import main as cli
 
     t = time.time()
-    if cli(["eval", "--model", str(model), "--dataset", "meld", "--root", str(corpus), "--split", "test",
-            "--out", str(out / "eval")]) != 0:
+    if cli(["eval", "--model", str(model), *eval_source, "--split", "test", "--out", str(out / "eval")]) != 0:
         print("[demo] eval scored no row: see the errors above", flush=True)
         return 1
     print(f"[demo] eval: {time.time() - t:.0f} s", flush=True)
@@ -59,6 +68,9 @@ def add_parser(subparsers):
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only-data", action="store_true", help="only synthesise the demo corpus")
+    p.add_argument("--format", choices=("meld", "hf"), default="meld",
+                   help="train and evaluate from the MELD layout (default) or from the corpus written as a "
+                   "`datasets` folder (OUT/corpus_hf, save_to_disk)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for configs/emoq/demo_cpu.yaml")
     p.set_defaults(func=run_demo)
     return p

@@ -12,8 +12,9 @@ Where the data can be (`path`):
 - data files: a path or glob pattern to parquet / arrow / csv / json(l) files, where ``{split}`` stands for
   the split's name (``data/{split}-*.parquet``).
 
-Columns are mapped by :class:`~emoq.config.ColumnMap` (``audio``, ``label``, ``text``, ``speaker``,
-``dialogue_id``, ``key``; a dataset without the key column numbers its rows ``SPLIT/ROW``). Labels: a ``ClassLabel`` id is read by its
+Columns are mapped by :class:`~emoq.config.ColumnMap` (``audio``, ``label``, ``text`` must exist when named;
+``speaker``, ``dialogue_id`` and ``key`` are read where present; a dataset without the key column numbers its
+rows ``SPLIT/ROW``, counted from where a stream started). Labels: a ``ClassLabel`` id is read by its
 name (never by position), then ``label_map`` renames it, then the label set normalises it; a label that is
 none of the label set's is a :class:`DatasetError` naming the value, the rows and the valid labels.
 
@@ -35,7 +36,7 @@ from ..config import ColumnMap
 from ..labels import LabelSet, UnknownLabelError, get_label_set
 from .records import DatasetError, Utterance, UtteranceList, raise_row_errors
 
-__all__ = ["open_split", "read_hf", "StoredClip", "utterance_stream", "RowConverter"]
+__all__ = ["open_split", "read_hf", "StoredClip", "utterance_stream", "RowConverter", "write_hf_dataset", "meld_to_hf"]
 
 log = logging.getLogger("emoq.data.hf")
 
@@ -167,8 +168,7 @@ class RowConverter:
     def check_columns(self, names) -> None:
         """A mapped column the dataset lacks is named, with the columns it has."""
         c = self.columns
-        wanted = {"audio": c.audio, "label": c.label, "text": c.text, "speaker": c.speaker,
-                  "dialogue_id": c.dialogue_id}
+        wanted = {"audio": c.audio, "label": c.label, "text": c.text}
         missing = [f"{role} -> '{col}'" for role, col in wanted.items() if col and col not in names]
         if missing:
             raise DatasetError(f"{self.source} [{self.split}]: no column for {', '.join(missing)} (columns: "
@@ -298,3 +298,13 @@ def write_hf_dataset(splits: Mapping[str, list[Utterance]], out, label_set: str 
     with atomic_folder(out) as tmp:
         datasets.DatasetDict(parts).save_to_disk(str(tmp))
     return out
+
+
+def meld_to_hf(root, out, label_set: str = "meld7") -> Path:
+    """A MELD-layout corpus (its train / dev / test) as a ``save_to_disk`` folder with the splits train /
+    validation / test (the demo's `--format hf`)."""
+    from .meld import read_meld
+
+    splits = {"train": "train", "validation": "dev", "test": "test"}
+    return write_hf_dataset({name: read_meld(root, split, label_set=label_set) for name, split in splits.items()},
+                            out, label_set=label_set)

@@ -224,3 +224,16 @@ def test_voice_quality_breathy_adds_envelope_noise_and_tense_adds_harmonics():
     with pytest.raises(ValueError, match="unknown voice quality"):
         apply_voice_quality(tone, "creaky", rng, sr)
     assert set(VOICE_QUALITY) == set(ACOUSTIC_GROUPS) and set(VOICE_QUALITY.values()) <= {"breathy", "tense", "modal"}
+
+
+def test_demo_corpus_as_a_datasets_folder_reads_back_row_for_row(corpora, tmp_path):
+    """`emoq demo --format hf`: the same clips, keys, labels and transcripts through the hf reader."""
+    from emoq.audio import load_audio
+    from emoq.data.hf import meld_to_hf, read_hf
+
+    a, _ = corpora
+    folder = meld_to_hf(a, tmp_path / "hf")
+    for split, name in (("train", "train"), ("dev", "validation"), ("test", "test")):
+        meld, hf = read_meld(a, split), read_hf(str(folder), name)
+        assert [(u.key, u.label, u.text, u.speaker) for u in hf] == [(u.key, u.label, u.text, u.speaker) for u in meld]
+    assert np.array_equal(load_audio(hf[0].audio), load_audio(meld[0].audio))
