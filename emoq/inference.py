@@ -170,20 +170,24 @@ class EmotionRecognizer:
 
     # ------------------------------------------------------------------ audio in
 
-    def load(self, audio: AudioInput, sample_rate: int | None = None) -> np.ndarray:
-        """A path, encoded bytes (wav/mp3/mp4...), an array with `sample_rate`, or (array, sample_rate)."""
+    def load(self, audio: AudioInput, sample_rate: int | None = None, *, return_info: bool = False):
+        """A path, encoded bytes (wav/mp3/mp4...), an array with `sample_rate`, or (array, sample_rate).
+
+        `return_info`: (clip, `AudioInfo`) instead, whose `truncated` says the clip was cut to `max_seconds`
+        (the info is None for an array, which is taken as it is)."""
         if isinstance(audio, tuple):
             audio, sample_rate = audio
         if isinstance(audio, str | Path) or is_stored_clip(audio):
-            return load_audio(audio, max_seconds=self.max_seconds)
+            return load_audio(audio, max_seconds=self.max_seconds, return_info=return_info)
         if isinstance(audio, bytes | bytearray):
-            return load_audio_bytes(bytes(audio), max_seconds=self.max_seconds)
+            return load_audio_bytes(bytes(audio), max_seconds=self.max_seconds, return_info=return_info)
         array = np.asarray(audio, dtype=np.float32)
         if array.ndim == 2:
             array = array.mean(axis=0 if array.shape[0] < array.shape[1] else 1)
         if sample_rate is None:
             raise ValueError("an audio array needs its sample_rate")
-        return resample(array, sample_rate, SAMPLE_RATE) if sample_rate != SAMPLE_RATE else array
+        clip = resample(array, sample_rate, SAMPLE_RATE) if sample_rate != SAMPLE_RATE else array
+        return (clip, None) if return_info else clip
 
     def _inputs(self, batch) -> dict:
         return {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
@@ -213,6 +217,8 @@ class EmotionRecognizer:
         """{label, scores: {label: probability}, log_likelihoods, transcript, transcript_source} per clip, in
         input order. Clips without a transcript are transcribed first when the model reads transcripts and
         an ASR model is configured (`transcribe=False`: they go without); see `transcripts`."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         clips = [a if isinstance(a, np.ndarray) else self.load(a) for a in audios]
         used = self.transcripts(clips, texts, transcribe=transcribe)
         order = sorted(range(len(clips)), key=lambda i: len(clips[i]))  # length grouping: less padding

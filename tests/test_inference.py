@@ -176,3 +176,12 @@ def test_a_baseline_with_a_text_branch_transcribes_the_same_way(with_text):
         assert [(r["transcript"], r["transcript_source"]) for r in results] == USED
     else:
         assert asr.calls == [] and {r["transcript_source"] for r in results} == {"none"}
+
+
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_classify_batch_refuses_a_batch_size_below_one(saved_model, batch_size):
+    """A negative batch size used to return one empty result per clip, without a word."""
+    recognizer = EmotionRecognizer.from_pretrained(saved_model)
+    clip = np.zeros(16000, dtype=np.float32)
+    with pytest.raises(ValueError, match=f"batch_size must be at least 1, got {batch_size}"):
+        recognizer.classify_batch([clip, clip], batch_size=batch_size)
