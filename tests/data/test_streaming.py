@@ -107,3 +107,50 @@ def test_a_streaming_run_stopped_and_resumed_equals_the_uninterrupted_run(hf_ton
     resumed = trainer.train(trainer.setup(tiny_test_config(root, tmp_path / "cut", *common)))
     assert resumed.step == 8 and len(full.losses) == 8
     np.testing.assert_allclose(resumed.losses, full.losses, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_stream_every_clip_once_per_pass_and_save_both_positions(hf_tones, tmp_path):
+    """A real 2-process DDP run (CPU, gloo) on a 2-shard dataset: one pass per rank is 3 steps of 3 clips; the
+    clips the two ranks trained on in those 3 steps are the 18 training clips, each once, and the checkpoint
+    holds both ranks' stream positions."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root, hf = hf_tones
+    two_shards = tmp_path / "two_shards"
+    datasets.load_from_disk(str(hf)).save_to_disk(str(two_shards), num_shards={"train": 2, "validation": 1})
+    recipe = tmp_path / "stage1_recording_keys.py"
+    recipe.write_text(
+        "import os\n"
+        "from emoq.recipes.stage1_qformer import Stage1QFormer\n"
+        "class Recording(Stage1QFormer):\n"
+        "    def setup(self, cfg):\n"
+        "        state = super().setup(cfg)\n"
+        "        collate, rank = state.loader.collate_fn, state.accelerator.process_index\n"
+        "        def record(items):\n"
+        "            with open(os.path.join(cfg.trainer.output_dir, f'keys-{rank}.txt'), 'a') as f:\n"
+        "                f.writelines(it['key'] + '\\n' for it in items)\n"
+        "            return collate(items)\n"
+        "        state.loader.collate_fn = record\n"
+        "        return state\n"
+        "Recording().main()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR=env.get("DS_ACCELERATOR", "cpu"))
+    out = tmp_path / "run"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "emoq.cli", "run", "--config", "emoq/tiny_test", "--nproc", "2", str(recipe),
+           f"data.root={root}", "data.dataset=hf", f"data.path={two_shards}", "data.streaming=true",
+           "data.stream_buffer=6", "trainer.batch_size=3", "trainer.max_steps=3", "trainer.save_every=3",
+           "trainer.eval_every=100", f"trainer.output_dir={out}"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = [(out / f"keys-{rank}.txt").read_text().split() for rank in (0, 1)]
+    assert len(seen[0]) == len(seen[1]) == 9 and not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(u.key for u in read_meld(root, "train"))
+    state = json.loads((out / "stage1" / "final" / "trainer_state.json").read_text())
+    # each rank: 9 clips yielded = the first buffer of 6 and 3 of the second, in the first pass
+    assert [(p["pass"], p["buffer"], p["yielded"]) for p in state["stream_positions"]] == [(0, 1, 3), (0, 1, 3)]
