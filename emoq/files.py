@@ -92,3 +92,11 @@ def swap_in(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def append_line_durably(handle, line: str) -> None:
+    """Append one whole line to an open text file and put it on disk before the next is written: a kill or a
+    crash loses at most the line being written, which readers of such files skip as torn."""
+    handle.write(line)
+    handle.flush()
+    os.fsync(handle.fileno())

@@ -55,7 +55,8 @@ class Row:
 class RowResult:
     """The outcome for one row: a label and its scores (mode "score"), or a generated answer and the label
     it maps to (mode "generate", UNMAPPED when it names none), with the transcript the model read and its
-    source ("gold", "asr", "none"); or status "error" and why."""
+    source ("gold", "asr", "none"); or status "error" and why. `truncated_to`: the seconds the clip was cut
+    to before scoring (the recognizer's `max_seconds`), None when it was scored whole."""
 
     row: Row
     status: str = "ok"
@@ -65,6 +66,7 @@ class RowResult:
     answer: str | None = None
     transcript: str | None = None
     transcript_source: str | None = None
+    truncated_to: float | None = None
 
 
 def map_answer(answer: str | None, label_set: LabelSet | None) -> str:
@@ -100,10 +102,14 @@ def score_rows(recognizer, rows: Sequence[Row], mode: str = "score", batch_size:
                 result.status, result.error = "error", row.error
             else:
                 try:
-                    clips.append(recognizer.load(row.audio))
-                    loaded.append(result)
+                    clip, info = recognizer.load(row.audio, return_info=True)
                 except AudioError as err:
                     result.status, result.error = "error", str(err)
+                else:
+                    if info is not None and info.truncated:
+                        result.truncated_to = float(recognizer.max_seconds)
+                    clips.append(clip)
+                    loaded.append(result)
             results.append(result)
         if clips:
             texts = _transcripts(recognizer, clips, [r.row.text for r in loaded], transcripts)

@@ -58,7 +58,9 @@ def test_predict_reports_every_input_in_order(lora_model, wavs, tmp_path):
     assert [r["input"] for r in rows] == inputs
     assert [r["status"] for r in rows] == ["ok", "error", "ok", "error", "ok"]
     for r in rows:
-        assert set(r) == {"input", "label", "scores", "transcript", "transcript_source", "status", "error"}
+        assert set(r) == {"input", "label", "scores", "transcript", "transcript_source", "status", "error",
+                          "truncated_to"}
+        assert r["truncated_to"] is None  # every clip scored whole
     # no text and no ASR model (no run config): the model read none; error rows read nothing
     assert [r["transcript_source"] for r in rows] == ["none", None, "none", None, "none"]
     assert {r["transcript"] for r in rows} == {None}
@@ -75,6 +77,23 @@ def test_predict_reports_every_input_in_order(lora_model, wavs, tmp_path):
         assert r["label"] == expected["label"]
         assert list(r["scores"]) == LABELS  # id order
         np.testing.assert_allclose(list(r["scores"].values()), list(expected["scores"].values()), rtol=1e-5, atol=1e-6)
+
+
+def test_predict_says_which_clips_were_cut_to_the_models_maximum(lora_model, wavs, tmp_path):
+    long = write_wav(tmp_path / "long.wav", (np.random.default_rng(1).standard_normal(16000 * 31) * 0.1)
+                     .astype(np.float32))
+    exact = write_wav(tmp_path / "exact.wav", np.full(16000 * 30, 0.1, np.float32))
+    inputs = [str(long), str(wavs[0]), str(exact), str(tmp_path / "missing.wav")]
+    out = tmp_path / "p.jsonl"
+    assert cli(["predict", "--model", str(lora_model), "--out", str(out), *inputs]) == 0
+    rows = read_jsonl(out)
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "error"]
+    assert [r["truncated_to"] for r in rows] == [30.0, None, None, None]  # 30 s exactly is not cut
+    # what was scored is the first 30 s
+    rec = EmotionRecognizer.from_pretrained(lora_model, device="cpu")
+    first_30s = rec.classify((rec.load(str(long))[: 16000 * 30], 16000))
+    np.testing.assert_allclose(list(rows[0]["scores"].values()), list(first_30s["scores"].values()),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_predict_manifest_and_nothing_predictable(lora_model, wavs, tmp_path):

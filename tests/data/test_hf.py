@@ -8,13 +8,13 @@ import datasets
 import numpy as np
 import pytest
 import soundfile as sf
-from support.corpora import make_tone_corpus, tiny_test_config
+from support.corpora import make_tone_corpus_pair, tiny_test_config
 
 from emoq.audio import AudioError, load_audio
 from emoq.cli import main as cli
 from emoq.config import ColumnMap
 from emoq.data.collate import scan_utterances
-from emoq.data.hf import read_hf, write_hf_dataset
+from emoq.data.hf import read_hf
 from emoq.data.meld import read_meld
 from emoq.data.records import DatasetError
 
@@ -36,10 +36,7 @@ def _dataset(rows: dict, label_names=None) -> datasets.Dataset:
 
 @pytest.fixture(scope="module")
 def tones(tmp_path_factory):
-    root = make_tone_corpus(tmp_path_factory.mktemp("tones"), {"train": 4, "dev": 2})
-    hf = write_hf_dataset({"train": read_meld(root, "train"), "validation": read_meld(root, "dev")},
-                          tmp_path_factory.mktemp("hf") / "tones")
-    return root, hf
+    return make_tone_corpus_pair(tmp_path_factory.mktemp("tones"), {"train": 4, "dev": 2})
 
 
 def test_save_to_disk_reads_the_same_utterances_and_audio_as_the_meld_reader(tones):
@@ -158,3 +155,30 @@ def test_training_reads_a_datasets_folder(tones, tmp_path):
     result = trainer.train(state)
     trainer.cleanup(state, result)
     assert result.step == 2 and result.history[-1]["weighted_f1"] is not None
+
+
+def test_prepare_decodes_a_datasets_folder_once_and_reuses_it(tones, tmp_path):
+    root, hf = tones
+    out = tmp_path / "prepared"
+    assert cli(["prepare", "hf", "--path", str(hf), "--out", str(out), "--workers", "1", "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (out / "validation.jsonl").read_text(encoding="utf-8").splitlines()]
+    meld = read_meld(root, "dev")
+    assert [(r["key"], r["label"], r["text"], r["status"]) for r in rows] == [(u.key, u.label, u.text, "ok")
+                                                                               for u in meld]
+    assert rows[0]["source"].startswith(f"{hf} [validation] dev/dia")
+    assert np.array_equal(load_audio(out / rows[0]["audio"]), load_audio(meld[0].audio))
+    wavs = {p: p.stat().st_mtime_ns for p in (out / "wav").rglob("*.wav")}
+    assert len(wavs) == 18  # train 12 + validation 6
+    assert cli(["prepare", "hf", "--path", str(hf), "--out", str(out), "--workers", "1", "--no-progress"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "wav").rglob("*.wav")} == wavs  # nothing decoded again
+
+
+def test_predict_reads_a_split_of_a_datasets_folder(tones, saved_model, tmp_path):
+    _, hf = tones
+    assert cli(["predict", "--model", str(saved_model), "--dataset", "hf", "--path", str(hf), "--split",
+                "validation", "--out", str(tmp_path / "p.jsonl")]) == 0
+    assert cli(["eval", "--model", str(saved_model), "--dataset", "hf", "--path", str(hf), "--split", "validation",
+                "--out", str(tmp_path / "eval")]) == 0
+    predicted = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text(encoding="utf-8").splitlines()]
+    scored = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["key"], r["gold"], r["label"]) for r in predicted] == [(r["key"], r["gold"], r["pred"]) for r in scored]

@@ -7,10 +7,9 @@ import datasets
 import numpy as np
 import pytest
 import soundfile as sf
-from support.corpora import make_tone_corpus, tiny_test_config
+from support.corpora import make_tone_corpus_pair, tiny_test_config
 
 from emoq.config import ColumnMap
-from emoq.data.hf import write_hf_dataset
 from emoq.data.meld import read_meld
 from emoq.data.streaming import StreamingUtterances
 from emoq.training.checkpoint import latest_checkpoint
@@ -87,10 +86,7 @@ def test_a_restored_position_continues_exactly_where_it_stopped(rows_dataset):
 
 @pytest.fixture(scope="module")
 def hf_tones(tmp_path_factory):
-    root = make_tone_corpus(tmp_path_factory.mktemp("tones"), {"train": 6, "dev": 2})
-    hf = write_hf_dataset({"train": read_meld(root, "train"), "validation": read_meld(root, "dev")},
-                          tmp_path_factory.mktemp("hf") / "tones")
-    return root, hf
+    return make_tone_corpus_pair(tmp_path_factory.mktemp("tones"), {"train": 6, "dev": 2})
 
 
 def test_a_streaming_run_stopped_and_resumed_equals_the_uninterrupted_run(hf_tones, tmp_path):

@@ -38,6 +38,17 @@ def make_tone_corpus(root: Path, per_class: dict[str, int], seed: int = 0) -> Pa
     return root
 
 
+def make_tone_corpus_pair(folder: Path, per_class: dict[str, int]) -> tuple[Path, Path]:
+    """A tone corpus in the MELD layout (folder/meld) and the same clips as a `datasets` folder (folder/hf, splits
+    train and validation): one corpus through both readers."""
+    from emoq.data.hf import write_hf_dataset
+    from emoq.data.meld import read_meld
+
+    root = make_tone_corpus(folder / "meld", per_class)
+    hf = write_hf_dataset({"train": read_meld(root, "train"), "validation": read_meld(root, "dev")}, folder / "hf")
+    return root, hf
+
+
 def tiny_test_config(corpus, out, *overrides, name: str = "emoq/tiny_test"):
     """The shipped tiny config (random tiny models) on `corpus`, writing into `out`."""
     return load_config(find_shipped(name), [f"data.root={corpus}", f"trainer.output_dir={out}", *overrides])
