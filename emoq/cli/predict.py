@@ -109,6 +109,7 @@ def run_predict(args) -> int:
 
 def _predict_into(partial: Path, kept: list[str], rows, args) -> list[str]:
     """Write `kept`, then a row per prediction for `rows` as each comes, to `partial`; -> their statuses."""
+    from ..evaluation.report import predict_record
     from ..evaluation.runner import score_rows
 
     recognizer = _recognizer(args)
@@ -116,7 +117,7 @@ def _predict_into(partial: Path, kept: list[str], rows, args) -> list[str]:
     statuses = []
     with open(partial, "a", encoding="utf-8", newline="\n") as f:
         for result in score_rows(recognizer, rows, batch_size=args.batch_size):
-            append_line_durably(f, json.dumps(_record(result), ensure_ascii=False) + "\n")
+            append_line_durably(f, json.dumps(predict_record(result), ensure_ascii=False) + "\n")
             statuses.append(result.status)
     return statuses
 
@@ -129,14 +130,6 @@ def _recognizer(args):
     if args.text_file and not recognizer.use_transcript:
         print("emoq predict: this model was trained without transcripts; --text-file is ignored", file=sys.stderr)
     return recognizer
-
-
-def _record(result) -> dict:
-    """An output line: `predict_record`, and `truncated_to` (the seconds the clip was cut to before scoring,
-    None when it was scored whole)."""
-    from ..evaluation.report import predict_record
-
-    return {**predict_record(result), "truncated_to": result.truncated_to}
 
 
 def _partial_path(out: Path) -> Path:

@@ -21,20 +21,23 @@ from .runner import RowResult
 
 
 def eval_record(result: RowResult) -> dict:
-    """A line of `emoq eval`'s predictions.jsonl."""
+    """A line of `emoq eval`'s predictions.jsonl (`truncated_to`: the seconds a clip longer than the model takes
+    was cut to before scoring, None when it was scored whole)."""
     return {"key": result.row.key, "gold": result.row.gold, "pred": result.label, "scores": result.scores,
             "answer": result.answer, "transcript": result.transcript, "transcript_source": result.transcript_source,
-            "status": result.status, "error": result.error}
+            "status": result.status, "error": result.error, "truncated_to": result.truncated_to}
 
 
 def predict_record(result: RowResult) -> dict:
     """A line of `emoq predict`'s output: the input as named, its key and gold label when it came from a
-    manifest, the label and its scores, the transcript the model read and its source."""
+    manifest or a dataset, the label and its scores, the transcript the model read and its source, and
+    `truncated_to` (as in :func:`eval_record`)."""
     record = {"input": result.row.input}
     if result.row.key is not None:
         record.update(key=result.row.key, gold=result.row.gold)
     record.update(label=result.label, scores=result.scores, transcript=result.transcript,
-                  transcript_source=result.transcript_source, status=result.status, error=result.error)
+                  transcript_source=result.transcript_source, status=result.status, error=result.error,
+                  truncated_to=result.truncated_to)
     return record
 
 
