@@ -46,14 +46,41 @@ class Transcript(NamedTuple):
 NO_TRANSCRIPT = Transcript(None, "none")
 
 
+class ModelFolderError(ValueError):
+    """A model folder whose config.json is not an emoq model's (broken, or another library's model): the message
+    names the file and the problem, where loading it would fail deep inside transformers."""
+
+
 def weights_folder(path: str | Path) -> Path:
-    """Accept a training output (`.../final`) or the `weights/` folder inside it."""
+    """Accept a training output (`.../final`) or the `weights/` folder inside it, holding an emoq model (EmoQ or
+    a baseline): a missing folder is a FileNotFoundError, a foreign or broken config.json a ModelFolderError."""
     path = Path(path)
     if (path / "weights" / "config.json").is_file():
-        return path / "weights"
-    if (path / "config.json").is_file():
-        return path
-    raise FileNotFoundError(f"{path}: no EmoQ model here (expected config.json or weights/config.json)")
+        folder = path / "weights"
+    elif (path / "config.json").is_file():
+        folder = path
+    else:
+        raise FileNotFoundError(f"{path}: no EmoQ model here (expected config.json or weights/config.json)")
+    model_type(folder)
+    return folder
+
+
+def model_type(folder: Path) -> str:
+    """The model_type of an emoq model folder's config.json, checked to be one emoq loads."""
+    config = folder / "config.json"
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ModelFolderError(f"{config}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise ModelFolderError(f"{config}: not valid JSON ({err})") from None
+    known = ("emoq", *BASELINE_MODEL_TYPES)
+    found = data.get("model_type") if isinstance(data, dict) else None
+    if found not in known:
+        what = f"a {found!r} model" if found else "no model_type"
+        raise ModelFolderError(f"{config}: describes {what}, not an emoq model (model_type {', '.join(known)}); "
+                               "point --model at an emoq training output or export")
+    return found
 
 
 def run_config_asr(folder: str | Path) -> str | None:
@@ -102,10 +129,9 @@ class EmotionRecognizer:
         `asr`: the ASR model for clips without a transcript; by default the `model.asr` of the training
         run's `run_config.yaml` next to the weights (a folder without one: no ASR); None or "none": no ASR."""
         folder = weights_folder(path)
-        model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
         load = {"dtype": dtype} if dtype else {}
         kwargs["asr"] = run_config_asr(folder) if asr == FROM_RUN_CONFIG else asr
-        if model_type in BASELINE_MODEL_TYPES:
+        if model_type(folder) in BASELINE_MODEL_TYPES:
             from transformers import AutoModel, AutoProcessor
 
             from . import models  # noqa: F401  (registers the baselines with the Auto classes)

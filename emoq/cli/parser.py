@@ -75,10 +75,11 @@ def user_errors() -> tuple[type[Exception], ...]:
     from ..audio import AudioError
     from ..config import ConfigError
     from ..data.records import DatasetError
+    from ..inference import ModelFolderError
     from ..labels import UnknownLabelError, UnknownLabelSetError
 
     return (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, AudioError, ConfigError,
-            DatasetError, UnknownLabelError, UnknownLabelSetError)
+            DatasetError, ModelFolderError, UnknownLabelError, UnknownLabelSetError)
 
 
 if __name__ == "__main__":

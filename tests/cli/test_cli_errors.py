@@ -24,6 +24,10 @@ def _run(args, capsys) -> tuple[int, str]:
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli_errors")
     (root / "empty").mkdir()
+    (root / "foreign").mkdir()
+    (root / "foreign" / "config.json").write_text('{"model_type": "bert", "hidden_size": 32}')
+    (root / "broken").mkdir()
+    (root / "broken" / "config.json").write_text("{not json")
     return root
 
 
@@ -46,6 +50,12 @@ CASES = {
                               "/nonexistent: no EmoQ model here"),
     "chat missing model": (["chat", "--model", "/nonexistent", "--audio", "{root}/x.wav", "hello"],
                            "/nonexistent: no EmoQ model here"),
+    "predict foreign model": (["predict", "--model", "{root}/foreign", "{root}/x.wav", "--out", "{root}/p.jsonl"],
+                              "foreign/config.json: describes a 'bert' model, not an emoq model"),
+    "eval broken config": (["eval", "--model", "{root}/broken", "--dataset", "meld", "--root", "{root}/empty",
+                            "--out", "{root}/o"], "broken/config.json: not valid JSON"),
+    "chat foreign model": (["chat", "--model", "{root}/foreign", "--audio", "{root}/x.wav", "hello"],
+                           "describes a 'bert' model"),
 }
 
 
