@@ -69,9 +69,16 @@ def client(recognizer):
 
 
 @contextlib.contextmanager
-def serving(recognizer):
+def serving(recognizer, **limits):
     """An httpx client for a real uvicorn server (background thread, free port) serving `recognizer`."""
-    app = create_app(recognizer, MODEL, max_upload_bytes=MAX_UPLOAD)
+    with served(create_app(recognizer, MODEL, max_upload_bytes=MAX_UPLOAD, **limits)) as http:
+        yield http
+
+
+@contextlib.contextmanager
+def served(app):
+    """An httpx client for a real uvicorn server (background thread, free port) serving `app`; the port is
+    `http.port`."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # the server listens on this socket: no race for the port
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=sock.getsockname()[1], log_level="warning"))
@@ -83,6 +90,7 @@ def serving(recognizer):
             raise RuntimeError("the test server did not start")
         time.sleep(0.02)
     with httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=60) as http:
+        http.port = sock.getsockname()[1]
         assert http.get("/health").status_code == 200
         yield http
     server.should_exit = True
@@ -246,6 +254,8 @@ BAD_REQUESTS = {
         {"role": "assistant", "content": chat_body(b64(CLIP))["messages"][0]["content"]}]}, 400,
         "missing_user_message"),
     "oversize body": ("/v1/chat/completions", chat_body(b64(BIG_CLIP)), 413, "request_too_large"),
+    "the audio placeholder in the question": ("/v1/chat/completions", chat_body(b64(CLIP), "what of <|emoq|>?"), 400,
+                                              "invalid_request"),
 }
 
 
@@ -286,7 +296,7 @@ def test_a_model_failure_is_a_500_and_the_server_keeps_serving(client, recognize
     monkeypatch.setattr(recognizer, "classify_batch", boom)
     assert "out of memory (simulated)" in assert_error(
         client.post("/v1/audio/emotion", json={"audio": b64(CLIP)}), 500, "internal_error")
-    monkeypatch.setattr(recognizer, "chat", boom)
+    monkeypatch.setattr(recognizer.model, "generate", boom)
     r = client.post("/v1/chat/completions", json=chat_body(b64(CLIP), stream=True))
     assert r.status_code == 200  # the headers were out before the failure: it arrives as an error event
     error = json.loads(sse_events(r)[-1])["error"]
@@ -325,21 +335,24 @@ def test_serve_help_names_the_endpoints_and_defaults_to_localhost(capsys):
         cli(["serve", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for endpoint in ("/health", "/v1/models", "/v1/chat/completions", "/v1/audio/emotion", "--max-upload-mb"):
+    for endpoint in ("/health", "/v1/models", "/v1/chat/completions", "/v1/audio/emotion", "--max-upload-mb",
+                     "--max-concurrent-uploads", "--max-prompt-tokens", "truncate_prompt", "--max-queue",
+                     "--request-timeout", "--api-key", "EMOQ_API_KEY", "--shutdown-timeout", "truncated_to"):
         assert endpoint in text
     args = build_parser().parse_args(["serve", "--model", "m"])
     assert (args.host, args.port, args.model_name, args.func) == ("127.0.0.1", 8000, "emoq", run_serve)
 
 
-def test_run_serve_loads_the_model_and_starts_uvicorn(tmp_path, monkeypatch):
+def test_run_serve_loads_the_model_and_starts_uvicorn(tmp_path, monkeypatch, capsys):
     model, processor = build_tiny(LABELS, lora={"r": 4}, seed=3)
     model.save_pretrained(tmp_path / "weights")
     processor.save_pretrained(tmp_path / "weights")
     calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append((app, kwargs)))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: calls.append((self.config.app, self.config)))
     assert cli(["serve", "--model", str(tmp_path), "--device", "cpu", "--model-name", "x", "--max-upload-mb", "1"]) == 0
-    (app, kwargs), = calls
-    assert kwargs == {"host": "127.0.0.1", "port": 8000}
+    (app, config), = calls
+    assert (config.host, config.port) == ("127.0.0.1", 8000)
+    assert config.timeout_graceful_shutdown > 10  # a backstop: the app's own deadline comes first
     assert {"/health", "/v1/models", "/v1/chat/completions", "/v1/audio/emotion"} <= {r.path for r in app.routes}
-    with pytest.raises(SystemExit, match="no EmoQ model here"):
-        cli(["serve", "--model", str(tmp_path / "missing")])
+    assert cli(["serve", "--model", str(tmp_path / "missing")]) == 2
+    assert "emoq serve: error: " in (err := capsys.readouterr().err) and "no EmoQ model here" in err
