@@ -8,7 +8,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 DEMO = HERE.parent / "demo_out"
 DEMO_MODEL = DEMO / "runs" / "demo_cpu" / "stage2" / "best"
-runs = [["bench_hub_cache.py"], ["bench_encoder_length.py"], ["bench_frame_cache.py"]]
+runs = [["bench_hub_cache.py"], ["bench_encoder_length.py"], ["bench_frame_cache.py"], ["serve_load.py"]]
 if (DEMO_MODEL / "weights" / "config.json").is_file():
     runs.append(["bench_eval_throughput.py", "--model", str(DEMO_MODEL), "--corpus", str(DEMO / "corpus")])
     runs.append(["compare_systems.py", "--out", str(DEMO)])
