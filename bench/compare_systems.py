@@ -1,6 +1,6 @@
 """EmoQ, its ablations and the two baselines on the demo corpus, trained and scored the same way, over seeds.
 
-    python bench/compare_systems.py [--out demo_out] [--seeds 0 1 2] [--systems NAME ...] [--json FILE]
+    python bench/compare_systems.py [--out demo_out] [--seeds 0 1 2] [--systems NAME ...] [--json FILE] [--collect]
 
 Needs the demo corpus (`make demo`, or `emoq demo --only-data`). For every seed, each system is trained
 with `emoq run` on the same corpus and split and scored with `emoq eval` on the demo test split — every
@@ -15,7 +15,9 @@ system's dev-selected checkpoint (`best/`):
   once), which bound what each modality alone carries in the corpus.
 
 Writes one JSON (default `OUT/compare_systems.json`) with every run's metrics and wall-clock training time,
-and the mean and standard deviation over seeds; `bench/compare_table.py` turns it into the README table.
+and the mean and standard deviation over seeds; `bench/compare_table.py` turns it into the README table. A run
+already scored is read back rather than trained again, so an interrupted comparison continues where it
+stopped; `--collect` only gathers what is scored so far.
 Training times are this machine's; weighted F1 can move a little between machines (float summation order
 differs between CPU kernels), and more between seeds, which is why seeds are reported.
 """
@@ -90,6 +92,8 @@ def main() -> None:
     parser.add_argument("--systems", nargs="+", default=[*SYSTEMS, "references"],
                         choices=[*SYSTEMS, "references"])
     parser.add_argument("--json", default=None, help="output JSON (default OUT/compare_systems.json)")
+    parser.add_argument("--collect", action="store_true",
+                        help="train nothing: gather the runs already scored (a comparison still under way)")
     args = parser.parse_args()
     out = Path(args.out)
     corpus = out / "corpus"
@@ -105,8 +109,14 @@ def main() -> None:
 
             result["systems"]["references"] = score_references(corpus)
             continue
-        runs = [run_system(name, seed, corpus, out / "compare" / "runs", out / "compare" / "eval")
-                for seed in args.seeds]
+        evals = out / "compare" / "eval"
+        if args.collect:
+            done = [evals / name / f"seed{seed}" / "result.json" for seed in args.seeds]
+            runs = [json.loads(f.read_text(encoding="utf-8")) for f in done if f.is_file()]
+            if not runs:
+                continue
+        else:
+            runs = [run_system(name, seed, corpus, out / "compare" / "runs", evals) for seed in args.seeds]
         result["systems"][name] = {"runs": runs, "summary": summary(runs)}
         path.write_text(json.dumps(result, indent=2), encoding="utf-8")  # partial results survive a stop
     path.write_text(json.dumps(result, indent=2), encoding="utf-8")

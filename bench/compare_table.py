@@ -23,6 +23,8 @@ LABELS = {
 def cell(stats: dict | None, scale: float = 1.0, digits: int = 3) -> str:
     if not stats:
         return "–"
+    if stats["n"] == 1:  # one run has no spread to show
+        return f"{stats['mean'] * scale:.{digits}f}"
     return f"{stats['mean'] * scale:.{digits}f} ± {stats['std'] * scale:.{digits}f}"
 
 
@@ -36,7 +38,10 @@ def table(result: dict) -> str:
                 lines.append(f"| reference: logistic regression on {ref} | {f1:.3f} | – | – | – |")
             continue
         s = entry["summary"]
-        lines.append(f"| {LABELS.get(name, name)} | {cell(s.get('weighted_f1'))} | "
+        n = len(entry["runs"])
+        label = LABELS.get(name, name) + (f" (seeds {', '.join(str(r['seed']) for r in entry['runs'])} only)"
+                                          if n < len(seeds) else "")
+        lines.append(f"| {label} | {cell(s.get('weighted_f1'))} | "
                      f"{cell(s.get('unweighted_accuracy'))} | {cell(s.get('macro_f1'))} | "
                      f"{cell(s.get('train_seconds'), 1 / 60, 1)} |")
     return "\n".join(lines)
