@@ -1,6 +1,7 @@
 """The package as a user installs it: built into a wheel, installed into a fresh virtual environment (which
 reuses this environment's dependencies, not its editable emoq), and used from an empty folder."""
 
+import json
 import shutil
 import site
 import subprocess
@@ -65,3 +66,6 @@ def test_an_installed_wheel_lists_copies_validates_and_builds_the_demo_data(whee
     _run(emoq, tmp_path, "validate", "x.yaml")
     _run(emoq, tmp_path, "demo", "--only-data", "--out", "demo")
     assert len(list((tmp_path / "demo/corpus/output_repeated_splits_test").glob("*.wav"))) > 0
+    _run(emoq, tmp_path, "demo", "--only-data", "--format", "hf", "--out", "demo")  # the corpus as a datasets folder
+    splits = json.loads((tmp_path / "demo/corpus_hf/dataset_dict.json").read_text())["splits"]
+    assert sorted(splits) == ["test", "train", "validation"]
