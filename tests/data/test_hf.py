@@ -143,15 +143,18 @@ def test_eval_gives_the_same_predictions_from_meld_and_from_hf(tones, saved_mode
     assert protocol["source"] == f"hf:{hf}[validation]"
 
 
-def test_training_reads_a_datasets_folder(tones, tmp_path):
+@pytest.mark.parametrize("cached", [False, True])  # the demo caches stage 1's encoder frames
+def test_training_reads_a_datasets_folder(tones, tmp_path, cached):
     from emoq.recipes import load_recipe
 
     root, hf = tones
     trainer = load_recipe("stage1_qformer")
     cfg = tiny_test_config(root, tmp_path, "data.dataset=hf", f"data.path={hf}", "trainer.max_steps=2",
-                           "trainer.eval_every=2")
+                           "trainer.eval_every=2", f"stage1.cache_encoder_features={str(cached).lower()}")
     state = trainer.setup(cfg)
     assert len(state.loader.dataset) == 12 and len(state.dev.dataset) == 6
+    if cached:  # clips stored as bytes in the dataset are fingerprinted by the dataset, not by a file
+        assert sorted(state.loader.dataset.frame_cache) == sorted(u.key for u in read_meld(root, "train"))
     result = trainer.train(state)
     trainer.cleanup(state, result)
     assert result.step == 2 and result.history[-1]["weighted_f1"] is not None
