@@ -68,6 +68,10 @@ class StoredClip:
         return self.name
 
 
+class MissingSplitError(DatasetError):
+    """The dataset has no such split (the message lists the ones it has)."""
+
+
 def _split_candidates(split: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys((split, *_SPLIT_ALIASES.get(split, ()))))
 
@@ -76,7 +80,7 @@ def _pick_split(splits: Mapping, split: str, where: str):
     for name in _split_candidates(split):
         if name in splits:
             return name
-    raise DatasetError(f"{where}: no split '{split}' (it has: {', '.join(splits) or 'none'})")
+    raise MissingSplitError(f"{where}: no split '{split}' (it has: {', '.join(splits) or 'none'})")
 
 
 def _cast_audio(dataset, column: str):
@@ -147,7 +151,7 @@ def _metadata_folder(folder: Path, split: str, streaming: bool):
                     raise DatasetError(f"{file}: no 'file_name' column (it names each clip, relative to the file)")
                 return dataset.rename_column("file_name", "audio"), file.parent
     found = sorted(p.parent.name for meta in _METADATA_FILES for p in folder.glob(f"*/{meta}"))
-    raise DatasetError(f"{folder}: not a dataset folder with split '{split}': expected a save_to_disk folder "
+    raise MissingSplitError(f"{folder}: not a dataset folder with split '{split}': expected a save_to_disk folder "
                        f"(dataset_dict.json) or {folder}/{split}/metadata.csv|jsonl"
                        + (f" (splits found: {', '.join(found)})" if found else ""))
 

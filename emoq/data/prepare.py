@@ -184,7 +184,7 @@ def _gather(dataset, root: Path, splits, label_set, protocol,
 
 def _gather_hf(path, splits, label_set, hf: dict) -> dict[str, list[Utterance]]:
     """The named splits of a `datasets` dataset, or those of train / validation / test it has."""
-    from .hf import read_hf
+    from .hf import MissingSplitError, read_hf
 
     if splits:
         return {split: list(read_hf(str(path), split, label_set=label_set or "meld7", **hf)) for split in splits}
@@ -192,9 +192,8 @@ def _gather_hf(path, splits, label_set, hf: dict) -> dict[str, list[Utterance]]:
     for split in ("train", "validation", "test"):
         try:
             out[split] = list(read_hf(str(path), split, label_set=label_set or "meld7", **hf))
-        except DatasetError as err:
-            if f"split '{split}'" not in str(err):
-                raise
+        except MissingSplitError:
+            pass  # that split is not there: prepare the others
     if not out:
         raise DatasetError(f"{path}: none of the splits train, validation, test; name them with --split")
     return out
