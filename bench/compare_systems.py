@@ -48,8 +48,28 @@ SYSTEMS = {
 }
 
 
+#: the folder under the run directory that each recipe trains into
+RECIPE_FOLDERS = {"stage1_qformer": "stage1", "stage2_llm": "stage2", "train_baseline": "baseline"}
+
+
 def emoq(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "emoq.cli", *args], check=True)
+
+
+def train_recipe(recipe: str, config: str, run_dir: Path, corpus: Path, seed: int, overrides) -> float | None:
+    """Wall-clock seconds of one recipe's training. A recipe that already finished (`final/` exists) is not
+    trained again, so a system that changes only stage 2 can rerun just that stage after deleting its
+    `stage2/` folder; its recorded time (`compare_seconds.json`) is read back, None where none was recorded."""
+    folder = run_dir / RECIPE_FOLDERS[recipe]
+    timing = folder / "compare_seconds.json"
+    if (folder / "final").is_dir():
+        return json.loads(timing.read_text(encoding="utf-8"))["seconds"] if timing.is_file() else None
+    start = time.time()
+    emoq("run", recipe, "--config", config, f"data.root={corpus}", f"trainer.output_dir={run_dir}",
+         f"seed={seed}", *overrides)
+    seconds = time.time() - start
+    timing.write_text(json.dumps({"seconds": seconds}), encoding="utf-8")
+    return seconds
 
 
 def run_system(name: str, seed: int, corpus: Path, runs: Path, evals: Path) -> dict:
@@ -61,11 +81,8 @@ def run_system(name: str, seed: int, corpus: Path, runs: Path, evals: Path) -> d
     if done.is_file():
         return json.loads(done.read_text(encoding="utf-8"))
     run_dir = runs / (name if recipes else "emoq") / f"seed{seed}"
-    start = time.time()
-    for recipe in recipes:
-        emoq("run", recipe, "--config", config, f"data.root={corpus}", f"trainer.output_dir={run_dir}",
-             f"seed={seed}", *overrides)
-    seconds = time.time() - start if recipes else None
+    times = [train_recipe(recipe, config, run_dir, corpus, seed, overrides) for recipe in recipes]
+    seconds = sum(times) if recipes and None not in times else None
     emoq("eval", "--model", str(run_dir / stage / "best"), "--dataset", "meld", "--root", str(corpus),
          "--split", "test", "--mode", mode, "--out", str(out))
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))

@@ -312,7 +312,8 @@ def build_optimizer(model, stage: StageConfig, weight_decay: float, total_steps:
     from transformers import get_cosine_schedule_with_warmup
 
     adapters = {id(p) for p in getattr(model, "adapter_parameters", list)()}
-    lrs = {"lora": stage.lr_lora or stage.learning_rate, "qformer": stage.lr_qformer or stage.learning_rate}
+    lrs = {part: stage.learning_rate if lr is None else lr  # 0 freezes a group; only None means "unset"
+           for part, lr in (("lora", stage.lr_lora), ("qformer", stage.lr_qformer))}
     groups: dict[tuple[str, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:

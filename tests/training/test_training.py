@@ -37,6 +37,23 @@ def test_optimizer_groups_and_warmup_cosine_schedule(tiny):
             assert lrs[step][name] == pytest.approx(expected), (name, step)
 
 
+def test_a_learning_rate_of_zero_freezes_its_group_instead_of_falling_back(tiny):
+    """`lr_qformer: 0` keeps the EmoQ-Former side where it is while LoRA trains; 0 is not read as "unset"
+    and replaced by `learning_rate`."""
+    model, _ = tiny(lora={"r": 4})
+    stage = StageConfig(learning_rate=1e-3, lr_qformer=0.0)
+    optimizer, _ = build_optimizer(model, stage, weight_decay=0.01, total_steps=4, warmup_ratio=0.0)
+    assert {g["name"]: g["lr"] for g in optimizer.param_groups} == {
+        "lora": 1e-3, "qformer": 0.0, "qformer_no_decay": 0.0}
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    for p in trainable.values():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    moved = {n for n, p in trainable.items() if not torch.equal(p, before[n])}
+    assert moved == {n for n in trainable if "lora_" in n}
+
+
 def test_non_finite_loss_steps_are_skipped_every_parameter_stays_finite(corpus, tmp_path, caplog):
     """A NaN loss still runs backward (so every rank stays in step), and its optimiser step is skipped: the
     step counts, the optimiser applies one update fewer, no parameter turns non-finite."""
