@@ -16,8 +16,8 @@ system's dev-selected checkpoint (`best/`):
 
 Writes one JSON (default `OUT/compare_systems.json`) with every run's metrics and wall-clock training time,
 and the mean and standard deviation over seeds; `bench/compare_table.py` turns it into the README table. A run
-already scored is read back rather than trained again, so an interrupted comparison continues where it
-stopped; `--collect` only gathers what is scored so far.
+already scored is read back rather than trained again, and a recipe that already finished is not trained again,
+so an interrupted comparison continues where it stopped; `--collect` only gathers what is scored so far.
 Training times are this machine's; weighted F1 can move a little between machines (float summation order
 differs between CPU kernels), and more between seeds, which is why seeds are reported.
 """
