@@ -28,6 +28,12 @@ def cell(stats: dict | None, scale: float = 1.0, digits: int = 3) -> str:
     return f"{stats['mean'] * scale:.{digits}f} ± {stats['std'] * scale:.{digits}f}"
 
 
+def time_cell(stats: dict | None, runs: int) -> str:
+    """Minutes; says how many runs it covers when some were trained before their time was recorded."""
+    text = cell(stats, 1 / 60, 1)
+    return text if not stats or stats["n"] == runs else f"{text} ({stats['n']} of {runs} runs timed)"
+
+
 def table(result: dict) -> str:
     seeds = result["seeds"]
     lines = [f"| system (seeds {', '.join(map(str, seeds))}) | weighted F1 | UA | macro F1 | training time (min) |",
@@ -43,7 +49,7 @@ def table(result: dict) -> str:
                                           if n < len(seeds) else "")
         lines.append(f"| {label} | {cell(s.get('weighted_f1'))} | "
                      f"{cell(s.get('unweighted_accuracy'))} | {cell(s.get('macro_f1'))} | "
-                     f"{cell(s.get('train_seconds'), 1 / 60, 1)} |")
+                     f"{time_cell(s.get('train_seconds'), n)} |")
     return "\n".join(lines)
 
 

@@ -62,3 +62,18 @@ def test_a_finished_recipe_without_a_recorded_time_leaves_the_time_unknown(compa
     result = module.run_system("emoq", 0, tmp_path / "corpus", tmp_path / "runs", tmp_path / "eval")
     assert calls == [("run", "stage2_llm"), ("eval", "--model")]
     assert result["train_seconds"] is None and result["weighted_f1"] == 0.5
+
+
+def test_the_table_names_partial_rows_and_untimed_runs():
+    spec = importlib.util.spec_from_file_location("compare_table", REPO / "bench" / "compare_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    stats = {"weighted_f1": {"mean": 0.99, "std": 0.01, "n": 3}, "train_seconds": {"mean": 600.0, "std": 30.0, "n": 2}}
+    result = {"seeds": [0, 1, 2], "systems": {
+        "emoq_no_supcon": {"runs": [{"seed": 0}, {"seed": 1}, {"seed": 2}], "summary": stats},
+        "qieemo": {"runs": [{"seed": 0}], "summary": {"weighted_f1": {"mean": 0.5, "std": 0.0, "n": 1}}},
+        "references": {"weighted_f1": {"prosody": 0.506}}}}
+    rows = module.table(result).splitlines()
+    assert rows[2] == "| EmoQ without SupCon | 0.990 ± 0.010 | – | – | 10.0 ± 0.5 (2 of 3 runs timed) |"
+    assert rows[3] == "| Qieemo (audio only) (seeds 0 only) | 0.500 | – | – | – |"
+    assert rows[4] == "| reference: logistic regression on prosody | 0.506 | – | – | – |"
