@@ -151,9 +151,9 @@ def _metadata_folder(folder: Path, split: str, streaming: bool):
                     raise DatasetError(f"{file}: no 'file_name' column (it names each clip, relative to the file)")
                 return dataset.rename_column("file_name", "audio"), file.parent
     found = sorted(p.parent.name for meta in _METADATA_FILES for p in folder.glob(f"*/{meta}"))
-    raise MissingSplitError(f"{folder}: not a dataset folder with split '{split}': expected a save_to_disk folder "
-                       f"(dataset_dict.json) or {folder}/{split}/metadata.csv|jsonl"
-                       + (f" (splits found: {', '.join(found)})" if found else ""))
+    raise MissingSplitError(f"{folder}: not a dataset folder with split '{split}': expected a save_to_disk "
+                            f"folder (dataset_dict.json) or {folder}/{split}/metadata.csv|jsonl"
+                            + (f" (splits found: {', '.join(found)})" if found else ""))
 
 
 class RowConverter:

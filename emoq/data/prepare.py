@@ -186,14 +186,14 @@ def _gather_hf(path, splits, label_set, hf: dict) -> dict[str, list[Utterance]]:
     """The named splits of a `datasets` dataset, or those of train / validation / test it has."""
     from .hf import MissingSplitError, read_hf
 
-    if splits:
-        return {split: list(read_hf(str(path), split, label_set=label_set or "meld7", **hf)) for split in splits}
     out = {}
-    for split in ("train", "validation", "test"):
+    for split in splits or ("train", "validation", "test"):
         try:
             out[split] = list(read_hf(str(path), split, label_set=label_set or "meld7", **hf))
         except MissingSplitError:
-            pass  # that split is not there: prepare the others
+            if splits:  # a split the user named must exist
+                raise
+            # a default split that is not there: prepare the others
     if not out:
         raise DatasetError(f"{path}: none of the splits train, validation, test; name them with --split")
     return out
